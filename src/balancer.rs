@@ -1,0 +1,226 @@
+//! Backends, their connection counts and the least-connections pick.
+//!
+//! A backend's count covers every connection this instance has assigned to it, from
+//! the moment it was picked (handshake in flight) to the end of the tunnel. The count
+//! only changes through [`ConnGuard`]: one increment at the pick, one decrement in
+//! `Drop`, whatever ended the connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::config::{BackendAddr, BackendConfig, PoolConfig};
+
+/// One backend of one pool. Shared by every snapshot that still lists it, so a
+/// reload keeps its count.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    /// Changed in place by a reload, which keeps the count.
+    weight: AtomicU32,
+    /// Connections assigned by this instance, handshakes in flight included.
+    active: AtomicU64,
+    /// No longer in the config: keeps its tunnels, gets no new ones.
+    draining: AtomicBool,
+}
+
+impl Backend {
+    pub fn new(config: &BackendConfig) -> Backend {
+        Backend {
+            addr: config.addr.clone(),
+            weight: AtomicU32::new(config.weight.get()),
+            active: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    fn available(&self) -> bool {
+        !self.is_draining()
+    }
+}
+
+/// Holds one unit of a backend's count; dropping it gives the unit back.
+#[derive(Debug)]
+pub struct ConnGuard {
+    backend: Arc<Backend>,
+}
+
+impl ConnGuard {
+    fn new(backend: Arc<Backend>) -> ConnGuard {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        ConnGuard { backend }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A named set of backends with the settings its tunnels use.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    pub settings: PoolConfig,
+}
+
+impl Pool {
+    /// Builds a pool, taking over the backends (and so their counts) that `previous`
+    /// already had at the same address, with the new weight.
+    pub fn new(name: &str, settings: &PoolConfig, previous: Option<&Pool>) -> Pool {
+        let backends = settings
+            .backends
+            .iter()
+            .map(|config| {
+                previous
+                    .and_then(|p| p.backends.iter().find(|b| b.addr == config.addr))
+                    .inspect(|b| b.weight.store(config.weight.get(), Ordering::Relaxed))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(config)))
+            })
+            .collect();
+        Pool {
+            name: name.to_string(),
+            backends,
+            settings: settings.clone(),
+        }
+    }
+
+    /// Picks the available backend with the fewest connections per unit of weight,
+    /// skipping those in `tried`; a uniformly random one among ties. The returned
+    /// guard already counts the new connection, so concurrent picks see it.
+    pub fn pick(&self, tried: &[usize], rng: &mut fastrand::Rng) -> Option<(usize, ConnGuard)> {
+        let mut best: Option<usize> = None;
+        let mut ties = 0u32;
+        for (i, backend) in self.backends.iter().enumerate() {
+            if !backend.available() || tried.contains(&i) {
+                continue;
+            }
+            let Some(current) = best else {
+                best = Some(i);
+                ties = 1;
+                continue;
+            };
+            match compare_load(backend, &self.backends[current]) {
+                std::cmp::Ordering::Less => {
+                    best = Some(i);
+                    ties = 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    // Reservoir sampling: each of the k tied backends ends up chosen
+                    // with probability 1/k.
+                    ties += 1;
+                    if rng.u32(0..ties) == 0 {
+                        best = Some(i);
+                    }
+                }
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+        let i = best?;
+        Some((i, ConnGuard::new(self.backends[i].clone())))
+    }
+}
+
+/// Compares active/weight of two backends without division: a/wa < b/wb ⇔ a·wb < b·wa.
+fn compare_load(a: &Backend, b: &Backend) -> std::cmp::Ordering {
+    let left = u128::from(a.active()) * u128::from(b.weight());
+    let right = u128::from(b.active()) * u128::from(a.weight());
+    left.cmp(&right)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::defaults;
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    fn pool(weights: &[u32]) -> Pool {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| BackendConfig {
+                addr: BackendAddr::parse(&format!("127.0.0.1:{}", 9000 + i)).unwrap(),
+                weight: NonZeroU32::new(*w).unwrap(),
+            })
+            .collect();
+        let settings = PoolConfig {
+            backends,
+            connect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+            retries: defaults::RETRIES,
+        };
+        Pool::new("p", &settings, None)
+    }
+
+    #[test]
+    fn weighted_least_connections_is_exact() {
+        let pool = pool(&[1, 2, 3]);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let guards: Vec<_> = (0..600).map(|_| pool.pick(&[], &mut rng).unwrap().1).collect();
+        let counts: Vec<u64> = pool.backends.iter().map(|b| b.active()).collect();
+        assert_eq!(counts, vec![100, 200, 300]);
+        drop(guards);
+        assert!(pool.backends.iter().all(|b| b.active() == 0));
+    }
+
+    #[test]
+    fn ties_are_broken_at_random() {
+        let pool = pool(&[1, 1, 1]);
+        let mut firsts = [0u32; 3];
+        for seed in 0..300 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (i, _guard) = pool.pick(&[], &mut rng).unwrap();
+            firsts[i] += 1;
+        }
+        assert!(firsts.iter().all(|n| *n > 60), "{firsts:?}");
+    }
+
+    #[test]
+    fn skips_tried_and_draining_backends() {
+        let pool = pool(&[1, 1, 1]);
+        let mut rng = fastrand::Rng::with_seed(1);
+        pool.backends[1].set_draining(true);
+        let (i, _g) = pool.pick(&[0], &mut rng).unwrap();
+        assert_eq!(i, 2);
+        assert!(pool.pick(&[0, 2], &mut rng).is_none());
+        assert!(self::pool(&[]).pick(&[], &mut rng).is_none());
+    }
+
+    #[test]
+    fn the_emptied_backend_takes_the_next_connections() {
+        let pool = pool(&[1, 1, 1]);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut guards: Vec<_> = (0..30).map(|_| pool.pick(&[], &mut rng).unwrap()).collect();
+        guards.retain(|(i, _)| *i != 1);
+        for _ in 0..10 {
+            let (i, g) = pool.pick(&[], &mut rng).unwrap();
+            assert_eq!(i, 1);
+            guards.push((i, g));
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The client's side of the upgrade: RFC 6455 §4.2.1 validation, the request
+//! forwarded to the backend and the response returned to the client.
+//!
+//! Every rejection here is decided before any backend is contacted.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Empty, Full};
+
+/// Why a request is answered by wsgate itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No route matches host + path: 404.
+    NoRoute,
+    /// A plain HTTP request on a WebSocket route: 426 with `Upgrade: websocket`.
+    NotWebSocket,
+    /// A WebSocket version other than 13: 426 with `Sec-WebSocket-Version: 13`
+    /// (RFC 6455 §4.2.2).
+    UnsupportedVersion,
+    /// A broken upgrade request: 400 with the reason.
+    Malformed(&'static str),
+}
+
+impl Rejection {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::NotWebSocket | Rejection::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            Rejection::Malformed(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let reason = match self {
+            Rejection::NoRoute => "no route for this host and path",
+            Rejection::NotWebSocket => "this path only accepts WebSocket upgrades",
+            Rejection::UnsupportedVersion => "only WebSocket version 13 is supported",
+            Rejection::Malformed(reason) => reason,
+        };
+        let mut response = plain(self.status(), reason);
+        let headers = response.headers_mut();
+        match self {
+            Rejection::NotWebSocket => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            }
+            Rejection::UnsupportedVersion => {
+                headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A short text response from wsgate itself.
+pub fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// True when a comma-separated header holds `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Checks an HTTP/1.1 upgrade request against RFC 6455 §4.2.1.
+pub fn validate<B>(req: &Request<B>) -> Result<(), Rejection> {
+    let headers = req.headers();
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err(Rejection::NotWebSocket);
+    }
+    if req.method() != Method::GET {
+        return Err(Rejection::Malformed("a WebSocket upgrade must be a GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(Rejection::Malformed("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(Rejection::Malformed("Connection must contain `upgrade`"));
+    }
+    let key_ok = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .is_some_and(|k| is_websocket_key(k.as_bytes()));
+    if !key_ok {
+        return Err(Rejection::Malformed(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
+    }
+    match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        None => Err(Rejection::Malformed("Sec-WebSocket-Version is missing")),
+        Some(v) if v.as_bytes().trim_ascii() == b"13" => Ok(()),
+        Some(_) => Err(Rejection::UnsupportedVersion),
+    }
+}
+
+/// A base64 encoding of 16 bytes: 22 characters of the alphabet, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let key = key.trim_ascii();
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+        // The last character before the padding carries 2 bits: its low 4 must be 0.
+        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1) and never pass through.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Copies end-to-end headers: drops hop-by-hop ones, those the `Connection` header
+/// names, and `Upgrade` (set again by the caller where it belongs).
+fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(from.len() + 4);
+    for (name, value) in from {
+        if HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+fn set_upgrade(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// The host a request is for, lower-cased and without its port.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let authority = req
+        .uri()
+        .host()
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())?;
+    Some(strip_port(authority))
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// The upgrade request sent to the backend: same path, query and end-to-end
+/// headers (subprotocols, extensions, cookies...), plus X-Forwarded-*.
+pub fn backend_request<B>(req: &Request<B>, peer: SocketAddr, proto: &'static str) -> Request<Empty<Bytes>> {
+    let mut headers = end_to_end(req.headers());
+    set_upgrade(&mut headers);
+    let xff = header::HeaderName::from_static("x-forwarded-for");
+    let peer_ip = peer.ip().to_string();
+    let forwarded_for = match req.headers().get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {peer_ip}"),
+        None => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(xff, v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(host) = req.headers().get(header::HOST) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = target.parse().unwrap_or_default();
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The 101 returned to the client: the backend's headers (Sec-WebSocket-Accept,
+/// -Protocol, -Extensions, cookies...) less hop-by-hop ones.
+pub fn switching_protocols(backend: &http::response::Parts) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = end_to_end(&backend.headers);
+    set_upgrade(&mut headers);
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A backend's non-101 answer, passed back as it was (less hop-by-hop headers).
+pub fn passthrough(backend: http::response::Parts, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = backend.status;
+    let mut headers = end_to_end(&backend.headers);
+    headers.remove(header::CONTENT_LENGTH);
+    *response.headers_mut() = headers;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade() -> http::request::Builder {
+        Request::get("/chat?room=1")
+            .header("host", "chat.example.com:8080")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+    }
+
+    #[test]
+    fn accepts_a_good_upgrade() {
+        let req = upgrade().body(()).unwrap();
+        assert_eq!(validate(&req), Ok(()));
+        assert_eq!(request_host(&req), Some("chat.example.com"));
+    }
+
+    #[test]
+    fn rejects_each_broken_part() {
+        let plain = Request::get("/").body(()).unwrap();
+        assert_eq!(validate(&plain), Err(Rejection::NotWebSocket));
+        let post = upgrade().method("POST").body(()).unwrap();
+        assert_eq!(validate(&post).map_err(Rejection::status), Err(StatusCode::BAD_REQUEST));
+        let key = upgrade().header("sec-websocket-key", "short").body(()).unwrap();
+        // Two keys: the first is checked, the second is ignored by `get`.
+        assert_eq!(validate(&key), Ok(()));
+        let mut bad_key = upgrade().body(()).unwrap();
+        bad_key
+            .headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZR=="));
+        assert!(matches!(validate(&bad_key), Err(Rejection::Malformed(_))));
+        let mut version = upgrade().body(()).unwrap();
+        version
+            .headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert_eq!(validate(&version), Err(Rejection::UnsupportedVersion));
+        let mut no_conn = upgrade().body(()).unwrap();
+        no_conn.headers_mut().remove("connection");
+        assert!(matches!(validate(&no_conn), Err(Rejection::Malformed(_))));
+    }
+
+    #[test]
+    fn forwards_end_to_end_headers_only() {
+        let req = upgrade()
+            .header("sec-websocket-protocol", "chat, superchat")
+            .header("sec-websocket-extensions", "permessage-deflate")
+            .header("cookie", "a=1")
+            .header("keep-alive", "timeout=5")
+            .header("x-forwarded-for", "10.1.1.1")
+            .body(())
+            .unwrap();
+        let out = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http");
+        let h = out.headers();
+        assert_eq!(out.uri(), "/chat?room=1");
+        assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
+        assert_eq!(h["sec-websocket-extensions"], "permessage-deflate");
+        assert_eq!(h["cookie"], "a=1");
+        assert_eq!(h["host"], "chat.example.com:8080");
+        assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "chat.example.com:8080");
+        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(h.get("keep-alive").is_none());
+    }
+}

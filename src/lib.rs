@@ -1,0 +1,98 @@
+//! wsgate: a load-balancing reverse proxy made for WebSockets.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | `proxy.toml`: raw serde types → validated [`Config`] |
+//! | [`state`] | the current [`state::Snapshot`] of routes and pools, swapped on reload |
+//! | [`server`] | listeners, accept loop, HTTP/1.1 serving, the per-request path |
+//! | [`handshake`] | RFC 6455 validation, forwarded headers, rejections |
+//! | [`balancer`] | backends, their counts ([`balancer::ConnGuard`]), least-connections |
+//! | [`upstream`] | connect and handshake to a backend, retrying the next candidate |
+//! | [`relay`] | the tunnel after the upgrade |
+//! | [`frame`] | the frame walker the tunnel runs in each direction |
+
+pub mod balancer;
+pub mod config;
+pub mod frame;
+pub mod handshake;
+pub mod relay;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError};
+use state::State;
+
+/// The sockets wsgate serves on, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    pub server: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every `[server] listen` address of `config`.
+    pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let mut server = Vec::new();
+        for addr in &config.server.listen {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            })?;
+            server.push(listener);
+        }
+        Ok(Listeners { server })
+    }
+}
+
+/// A proxy built from a config: its state can be inspected (and reloaded) while
+/// [`Gateway::run`] serves.
+pub struct Gateway {
+    state: Arc<State>,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> Gateway {
+        Gateway {
+            state: Arc::new(State::new(config)),
+        }
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every tunnel (1001) and
+    /// returns once all connection tasks have ended.
+    pub async fn run(&self, listeners: Listeners, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let max_connections = self.state.load().server.max_connections;
+        let shared = server::Shared {
+            state: self.state.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+            permits: Arc::new(Semaphore::new(max_connections)),
+        };
+        let accept_loops = TaskTracker::new();
+        for listener in listeners.server {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "listening");
+            }
+            accept_loops.spawn(server::serve(listener, shared.clone()));
+        }
+        accept_loops.close();
+        accept_loops.wait().await;
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+/// Serves `config` on `listeners` until `shutdown` is cancelled.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) {
+    Gateway::new(&config).run(listeners, shutdown).await
+}

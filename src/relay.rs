@@ -1,0 +1,435 @@
+//! The tunnel after the upgrade: one task owns both sockets and the guards, moves
+//! bytes both ways as they arrive, and ends the connection the WebSocket way.
+//!
+//! Memory: nothing is buffered while a connection is idle. A read goes into a buffer
+//! on the worker thread's stack inside a synchronous function, is walked and written
+//! at once; only bytes the receiver cannot take yet are copied to the heap, and that
+//! copy is freed as soon as it is written.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
+
+/// Stack buffer for one read: large enough to move a typical message in one go.
+const READ_BUF: usize = 64 * 1024;
+
+/// How long the relay waits, once it has decided to close, for pending bytes and its
+/// close frame to be written and for the client to answer.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings a tunnel takes from its pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_message_size: u64,
+}
+
+/// Which end of the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both ends closed their side; the close frames (if any) were theirs.
+    Closed,
+    /// The client went away without a close frame (reset or EOF); the backend was sent 1001.
+    ClientGone,
+    /// The backend went away without a close frame; the client was sent 1011.
+    BackendGone,
+    /// `Side` sent a message over the pool's limit; both were sent 1009.
+    TooBig(Side),
+    /// No traffic either way for the pool's idle timeout; both were sent 1001.
+    Idle,
+    /// wsgate is shutting down; both were sent 1001.
+    Shutdown,
+}
+
+/// What a tunnel carried, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub end: End,
+    pub client_to_backend: Tally,
+    pub backend_to_client: Tally,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Status code of the close frame this direction carried, if it carried one.
+    pub close_code: Option<u16>,
+}
+
+/// One direction's state.
+struct Flow {
+    walker: Walker,
+    /// The start of a frame header whose end has not arrived; held back so that the
+    /// receiver stays at a frame boundary until the whole header can be forwarded.
+    carry: [u8; MAX_HEADER],
+    carry_len: usize,
+    /// Read but not yet accepted by the receiver. Empty (no allocation) unless the
+    /// receiver is slower than the sender.
+    pending: Vec<u8>,
+    /// The sender closed its side (read returned 0).
+    eof: bool,
+    bytes: u64,
+}
+
+impl Flow {
+    fn new(max_message: u64) -> Flow {
+        Flow {
+            walker: Walker::new(max_message),
+            carry: [0; MAX_HEADER],
+            carry_len: 0,
+            pending: Vec::new(),
+            eof: false,
+            bytes: 0,
+        }
+    }
+
+    fn tally(&self) -> Tally {
+        Tally {
+            messages: self.walker.messages(),
+            bytes: self.bytes,
+            close_code: self.walker.close_code(),
+        }
+    }
+
+    /// Whether wsgate may write a close frame of its own into this direction.
+    fn can_inject_close(&self) -> bool {
+        self.walker.at_boundary() && self.walker.close_code().is_none()
+    }
+}
+
+/// Why one step of a flow stopped.
+enum Step {
+    /// Moved bytes (or had nothing to read); go on.
+    Moved,
+    /// The sender closed its side.
+    Eof,
+    /// The sender's message went over the limit.
+    TooBig,
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+}
+
+/// Reads once from `from`, walks and writes to `to` what it may; what `to` cannot
+/// take now goes to `flow.pending`. Synchronous, so its buffer lives on the stack,
+/// not in the connection's future.
+fn pump(from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
+    let mut buf = [0u8; READ_BUF];
+    let carried = flow.carry_len;
+    buf[..carried].copy_from_slice(&flow.carry[..carried]);
+    let n = match from.try_read(&mut buf[carried..]) {
+        Ok(0) => return Step::Eof,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Moved,
+        Err(e) => return Step::ReadFailed(e),
+    };
+    flow.bytes += n as u64;
+    let data = &buf[..carried + n];
+    flow.carry_len = 0;
+    let (forward, too_big) = match flow.walker.walk(data) {
+        Walk::Forward { held } => {
+            let end = data.len() - held;
+            flow.carry[..held].copy_from_slice(&data[end..]);
+            flow.carry_len = held;
+            (&data[..end], false)
+        }
+        Walk::TooBig { at } => (&data[..at], true),
+    };
+    if let Err(e) = write_now(to, forward, &mut flow.pending) {
+        return Step::WriteFailed(e);
+    }
+    if too_big { Step::TooBig } else { Step::Moved }
+}
+
+/// Writes as much of `data` as the socket takes without waiting; keeps the rest.
+fn write_now(to: &TcpStream, mut data: &[u8], pending: &mut Vec<u8>) -> io::Result<()> {
+    while !data.is_empty() {
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pending.extend_from_slice(data);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes from `pending` what the socket takes now; frees it once empty.
+fn flush_now(to: &TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    while written < pending.len() {
+        match to.try_write(&pending[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if written == pending.len() {
+        *pending = Vec::new();
+    } else {
+        pending.drain(..written);
+    }
+    Ok(())
+}
+
+/// Both upgraded connections of one proxied WebSocket, and what they hold.
+pub struct Tunnel<G> {
+    pub client: TcpStream,
+    /// Bytes the client sent right behind its upgrade request.
+    pub client_early: Bytes,
+    pub backend: TcpStream,
+    /// Bytes the backend sent right behind its 101.
+    pub backend_early: Bytes,
+    pub limits: Limits,
+    /// Released when the backend connection is done with (count, permit...).
+    pub backend_guard: G,
+}
+
+impl<G> Tunnel<G> {
+    /// Relays until the connection ends, then closes both sockets.
+    pub async fn run(self, shutdown: CancellationToken) -> Outcome {
+        let Tunnel {
+            mut client,
+            client_early,
+            mut backend,
+            backend_early,
+            limits,
+            backend_guard,
+        } = self;
+        let mut up = Flow::new(limits.max_message_size);
+        let mut down = Flow::new(limits.max_message_size);
+        let end = relay(
+            &client,
+            client_early,
+            &backend,
+            backend_early,
+            &mut up,
+            &mut down,
+            limits.idle_timeout,
+            &shutdown,
+        )
+        .await;
+        let outcome = Outcome {
+            end,
+            client_to_backend: up.tally(),
+            backend_to_client: down.tally(),
+        };
+        let (to_client, to_backend) = match end {
+            End::Closed => (None, None),
+            End::ClientGone => (None, Some(close_code::GOING_AWAY)),
+            End::BackendGone => (Some(close_code::BACKEND_GONE), None),
+            End::TooBig(_) => (
+                Some(close_code::MESSAGE_TOO_BIG),
+                Some(close_code::MESSAGE_TOO_BIG),
+            ),
+            End::Idle | End::Shutdown => {
+                (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
+            }
+        };
+        // After `Closed` both sides have sent and received FIN: nothing to close.
+        let backend_alive = !matches!(end, End::BackendGone | End::Closed);
+        let client_alive = !matches!(end, End::ClientGone | End::Closed);
+        let up = &mut up;
+        let down = &mut down;
+        let close_backend = async move {
+            if backend_alive {
+                let mask = fastrand::u32(..).to_be_bytes();
+                let closed = close_side(&mut backend, up, to_backend, Some(mask));
+                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                    tracing::debug!(error = %e, "backend gone while closing");
+                }
+            }
+            // The backend connection is over: release its count now, not after
+            // the client has finished closing.
+            drop(backend);
+            drop(backend_guard);
+        };
+        let close_client = async move {
+            if client_alive {
+                let closed = close_side(&mut client, down, to_client, None);
+                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                    tracing::debug!(error = %e, "client gone while closing");
+                }
+            }
+        };
+        tokio::join!(close_backend, close_client);
+        outcome
+    }
+}
+
+/// Ends one side gracefully: writes what is pending, then a close frame with `code`
+/// where the receiver is at a frame boundary and has not had one, then FIN; then
+/// reads (and drops) until the peer closes, so that our close frame is not lost to
+/// a reset caused by unread data. Errors mean the peer is gone: nothing left to do.
+async fn close_side(
+    stream: &mut TcpStream,
+    toward: &mut Flow,
+    code: Option<u16>,
+    mask: Option<[u8; 4]>,
+) -> io::Result<()> {
+    if !toward.pending.is_empty() {
+        stream.write_all(&toward.pending).await?;
+        toward.pending = Vec::new();
+    }
+    if let Some(code) = code
+        && toward.can_inject_close()
+    {
+        let (frame, len) = close_frame(code, mask);
+        stream.write_all(&frame[..len]).await?;
+    }
+    stream.shutdown().await?;
+    let mut sink = [0u8; 1024];
+    loop {
+        stream.readable().await?;
+        match stream.try_read(&mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The relay loop proper; returns why it stopped. On `Closed` both sides have
+/// sent FIN and every byte was delivered.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: &TcpStream,
+    client_early: Bytes,
+    backend: &TcpStream,
+    backend_early: Bytes,
+    up: &mut Flow,
+    down: &mut Flow,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> End {
+    // Early bytes were read by the HTTP layer along with the handshake; they go
+    // through the walker like any other.
+    for (data, to, flow, side) in [
+        (&client_early, backend, &mut *up, Side::Client),
+        (&backend_early, client, &mut *down, Side::Backend),
+    ] {
+        if data.is_empty() {
+            continue;
+        }
+        flow.bytes += data.len() as u64;
+        let step = match flow.walker.walk(data) {
+            Walk::Forward { held } => {
+                let end = data.len() - held;
+                flow.carry[..held].copy_from_slice(&data[end..]);
+                flow.carry_len = held;
+                write_now(to, &data[..end], &mut flow.pending).map(|_| false)
+            }
+            Walk::TooBig { at } => write_now(to, &data[..at], &mut flow.pending).map(|_| true),
+        };
+        match (step, side) {
+            (Ok(true), side) => return End::TooBig(side),
+            (Ok(false), _) => {}
+            (Err(_), Side::Client) => return End::BackendGone,
+            (Err(_), Side::Backend) => return End::ClientGone,
+        }
+    }
+
+    let mut last_activity = Instant::now();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+
+    loop {
+        if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
+            return End::Closed;
+        }
+        let read_client = !up.eof && up.pending.is_empty();
+        let read_backend = !down.eof && down.pending.is_empty();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return End::Shutdown,
+            ready = client.readable(), if read_client => {
+                if ready.is_err() {
+                    return End::ClientGone;
+                }
+                last_activity = Instant::now();
+                match pump(client, backend, up) {
+                    Step::Moved => {}
+                    Step::Eof => {
+                        up.eof = true;
+                        if up.walker.close_code().is_none() {
+                            return End::ClientGone;
+                        }
+                        shutdown_write(backend);
+                    }
+                    Step::TooBig => return End::TooBig(Side::Client),
+                    Step::ReadFailed(e) => return gone(End::ClientGone, &e),
+                    Step::WriteFailed(e) => return gone(End::BackendGone, &e),
+                }
+            }
+            ready = backend.readable(), if read_backend => {
+                if ready.is_err() {
+                    return End::BackendGone;
+                }
+                last_activity = Instant::now();
+                match pump(backend, client, down) {
+                    Step::Moved => {}
+                    Step::Eof => {
+                        down.eof = true;
+                        if down.walker.close_code().is_none() {
+                            return End::BackendGone;
+                        }
+                        shutdown_write(client);
+                    }
+                    Step::TooBig => return End::TooBig(Side::Backend),
+                    Step::ReadFailed(e) => return gone(End::BackendGone, &e),
+                    Step::WriteFailed(e) => return gone(End::ClientGone, &e),
+                }
+            }
+            ready = backend.writable(), if !up.pending.is_empty() => {
+                if ready.is_err() || flush_now(backend, &mut up.pending).is_err() {
+                    return End::BackendGone;
+                }
+            }
+            ready = client.writable(), if !down.pending.is_empty() => {
+                if ready.is_err() || flush_now(client, &mut down.pending).is_err() {
+                    return End::ClientGone;
+                }
+            }
+            () = &mut idle => {
+                let deadline = last_activity + idle_timeout;
+                if Instant::now() >= deadline {
+                    return End::Idle;
+                }
+                idle.as_mut().reset(deadline);
+            }
+        }
+    }
+}
+
+fn gone(end: End, error: &io::Error) -> End {
+    tracing::debug!(?end, %error, "socket error");
+    end
+}
+
+/// Sends FIN: the peer has said all it will say, pass that on. (EOF is only taken
+/// with nothing pending.) A failure means the receiver is gone already, which its
+/// own read or write reports next; there is nothing else to do about it here.
+fn shutdown_write(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        tracing::debug!(error = %e, "shutdown after EOF");
+    }
+}

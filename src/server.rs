@@ -1,0 +1,209 @@
+//! Listeners: the accept loop, HTTP/1.1 serving of each client connection, and the
+//! per-request path from route to tunnel.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use hyper::Response;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::handshake::{self, Rejection};
+use crate::relay::{Limits, Tunnel};
+use crate::state::State;
+use crate::upstream::{self, Answer};
+
+/// What every connection task needs; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: Arc<State>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// One permit per client connection, held from accept to the end of its tunnel.
+    pub permits: Arc<Semaphore>,
+}
+
+/// Connection ids for logs, unique within the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Longest pause after a failing `accept` (EMFILE and the like).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts until shutdown. A permit is taken before each accept, so at the
+/// connection limit new clients wait in the kernel's backlog; accept errors back
+/// off and retry, and never end the loop.
+pub async fn serve(listener: TcpListener, shared: Shared) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            permit = shared.permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let shared2 = shared.clone();
+                shared
+                    .tracker
+                    .spawn(serve_connection(stream, peer, shared2, Arc::new(permit)));
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, pause = ?backoff, "accept failed, pausing");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Errors about one connection that died in the queue, not about the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Shared,
+    permit: Arc<OwnedSemaphorePermit>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay");
+    }
+    let settings = shared.state.load().server.clone();
+    let shutdown = shared.shutdown.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let permit = permit.clone();
+        async move { Ok::<_, Infallible>(proxy(req, peer, shared, permit).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.handshake_timeout)
+        .max_buf_size(settings.max_header_bytes);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Answers one request: a rejection, the backend's refusal, or a 101 with the
+/// tunnel started behind it.
+async fn proxy(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Shared,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<Full<Bytes>> {
+    let snapshot = shared.state.load();
+    let Some(route) = snapshot.route(handshake::request_host(&req), req.uri().path()) else {
+        tracing::debug!(%peer, path = req.uri().path(), "no route");
+        return Rejection::NoRoute.response();
+    };
+    if let Err(rejection) = handshake::validate(&req) {
+        tracing::debug!(%peer, ?rejection, "rejected upgrade");
+        return rejection.response();
+    }
+    let pool = route.pool.clone();
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "conn",
+        id,
+        %peer,
+        route = %route.path,
+        pool = %pool.name,
+        backend = tracing::field::Empty,
+    );
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let request = handshake::backend_request(&req, peer, "http");
+    let mut rng = fastrand::Rng::new();
+    let answer = upstream::open(&pool, request, &mut rng)
+        .instrument(span.clone())
+        .await;
+    let upgraded = match answer {
+        Ok(Answer::Upgraded(upgraded)) => upgraded,
+        Ok(Answer::Declined(response)) => {
+            span.in_scope(|| tracing::info!(status = %response.status(), "backend declined the upgrade"));
+            return response;
+        }
+        Err(e) => {
+            span.in_scope(|| tracing::warn!(error = %e, "no backend took the upgrade"));
+            return handshake::plain(e.status(), &e.to_string());
+        }
+    };
+    let response = handshake::switching_protocols(&upgraded.head);
+    let limits = Limits {
+        idle_timeout: pool.settings.idle_timeout,
+        max_message_size: pool.settings.max_message_size,
+    };
+    let shutdown = shared.shutdown.clone();
+    shared.tracker.spawn(
+        async move {
+            let client = match client_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client left during the upgrade");
+                    return;
+                }
+            };
+            let Ok(client) = client.downcast::<TokioIo<TcpStream>>() else {
+                tracing::error!("client connection of an unexpected type");
+                return;
+            };
+            tracing::debug!("tunnel open");
+            let tunnel = Tunnel {
+                client: client.io.into_inner(),
+                client_early: client.read_buf,
+                backend: upgraded.stream,
+                backend_early: upgraded.early,
+                limits,
+                backend_guard: upgraded.guard,
+            };
+            let outcome = tunnel.run(shutdown).await;
+            drop(permit);
+            tracing::debug!(?outcome, "tunnel closed");
+        }
+        .instrument(span),
+    );
+    response
+}

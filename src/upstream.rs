@@ -1,0 +1,186 @@
+//! The backend side of the upgrade: pick, connect (retrying the next candidate when
+//! a backend refuses or times out), send the handshake and read the answer.
+
+use std::io;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::balancer::{Backend, ConnGuard, Pool};
+use crate::config::BackendAddr;
+use crate::handshake;
+
+/// Largest non-101 response body passed back to a client.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// What the backend said.
+pub enum Answer {
+    /// It switched protocols: the socket is ready for the tunnel.
+    Upgraded(Upgraded),
+    /// It answered something else; the client gets this response as is.
+    Declined(Response<Full<Bytes>>),
+}
+
+pub struct Upgraded {
+    pub stream: TcpStream,
+    /// Bytes the backend sent right behind its 101.
+    pub early: Bytes,
+    pub head: http::response::Parts,
+    pub guard: ConnGuard,
+}
+
+/// Why no backend answered.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("pool has no backend to send to")]
+    NoBackend,
+    #[error("connect to {addr} failed")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connect to {addr} timed out")]
+    ConnectTimeout { addr: String },
+    #[error("backend {addr} did not answer the handshake in time")]
+    HandshakeTimeout { addr: String },
+    #[error("backend {addr} sent an unreadable answer")]
+    Unreadable {
+        addr: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("backend {addr} sent 101 but its connection could not be taken over")]
+    Takeover { addr: String },
+}
+
+impl UpstreamError {
+    /// 503 when there was nobody to ask, 502 when those asked failed.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::NoBackend => "no_backend",
+            UpstreamError::Connect { .. } => "backend_refused",
+            UpstreamError::ConnectTimeout { .. } => "backend_timeout",
+            UpstreamError::HandshakeTimeout { .. } => "backend_timeout",
+            UpstreamError::Unreadable { .. } | UpstreamError::Takeover { .. } => "backend_bad_answer",
+        }
+    }
+}
+
+/// Sends `request` to the least loaded backend of `pool`, moving on to the next one
+/// (at most `retries` times) while connecting fails; nothing has reached the client
+/// yet, so those failures stay invisible to it.
+pub async fn open(
+    pool: &Pool,
+    request: Request<Empty<Bytes>>,
+    rng: &mut fastrand::Rng,
+) -> Result<Answer, UpstreamError> {
+    let settings = &pool.settings;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = UpstreamError::NoBackend;
+    for _ in 0..=settings.retries {
+        let Some((index, guard)) = pool.pick(&tried, rng) else {
+            break;
+        };
+        tried.push(index);
+        let backend = guard.backend().clone();
+        let addr = backend.addr.to_string();
+        tracing::Span::current().record("backend", addr.as_str());
+        match timeout(settings.connect_timeout, connect(&backend)).await {
+            Ok(Ok(stream)) => {
+                return timeout(settings.handshake_timeout, handshake(stream, request, guard))
+                    .await
+                    .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }));
+            }
+            Ok(Err(source)) => {
+                tracing::warn!(backend = %addr, error = %source, "backend refused, trying the next");
+                last_error = UpstreamError::Connect { addr, source };
+            }
+            Err(_) => {
+                tracing::warn!(backend = %addr, "backend connect timed out, trying the next");
+                last_error = UpstreamError::ConnectTimeout { addr };
+            }
+        }
+    }
+    Err(last_error)
+}
+
+async fn connect(backend: &Backend) -> io::Result<TcpStream> {
+    let stream = match &backend.addr {
+        BackendAddr::Ip(addr) => TcpStream::connect(*addr).await?,
+        BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await?,
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sends the upgrade request over `stream` and reads the answer. The connection
+/// future is driven here, in the request's own task: it ends when the 101 hands
+/// the socket over, or once a declining answer has been read whole.
+async fn handshake(
+    stream: TcpStream,
+    request: Request<Empty<Bytes>>,
+    guard: ConnGuard,
+) -> Result<Answer, UpstreamError> {
+    let addr = guard.backend().addr.to_string();
+    let unreadable = |source| UpstreamError::Unreadable {
+        addr: addr.clone(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(unreadable)?;
+    let mut conn = conn.with_upgrades();
+    let mut response = tokio::select! {
+        response = sender.send_request(request) => response.map_err(unreadable)?,
+        ended = &mut conn => {
+            // The connection ended before a response: it can only be an error.
+            ended.map_err(unreadable)?;
+            return Err(UpstreamError::Takeover { addr });
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let on_upgrade = hyper::upgrade::on(&mut response);
+        let (ended, upgraded) = tokio::join!(conn, on_upgrade);
+        ended.map_err(unreadable)?;
+        let upgraded = upgraded.map_err(unreadable)?;
+        let parts = upgraded
+            .downcast::<TokioIo<TcpStream>>()
+            .map_err(|_| UpstreamError::Takeover { addr: addr.clone() })?;
+        let (head, _) = response.into_parts();
+        return Ok(Answer::Upgraded(Upgraded {
+            stream: parts.io.into_inner(),
+            early: parts.read_buf,
+            head,
+            guard,
+        }));
+    }
+    let (head, body) = response.into_parts();
+    let collect = Limited::new(body, MAX_ERROR_BODY).collect();
+    tokio::pin!(collect);
+    let mut conn_done = false;
+    let body = loop {
+        tokio::select! {
+            body = &mut collect => break body,
+            _ = &mut conn, if !conn_done => conn_done = true,
+        }
+    };
+    // A body too long or cut short still answers the client with the backend's
+    // status; its text is dropped.
+    let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+    drop(guard);
+    Ok(Answer::Declined(handshake::passthrough(head, body)))
+}
