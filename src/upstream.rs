@@ -144,19 +144,26 @@ async fn handshake(
         .await
         .map_err(unreadable)?;
     let mut conn = conn.with_upgrades();
-    let mut response = tokio::select! {
-        response = sender.send_request(request) => response.map_err(unreadable)?,
-        ended = &mut conn => {
-            // The connection ended before a response: it can only be an error.
-            ended.map_err(unreadable)?;
-            return Err(UpstreamError::Takeover { addr });
+    // The connection future may finish (handing the socket over after a 101) in the
+    // same poll that delivers the response, so its result is kept, not taken as an
+    // error.
+    let send = sender.send_request(request);
+    tokio::pin!(send);
+    let mut conn_ended = None;
+    let mut response = loop {
+        tokio::select! {
+            response = &mut send => break response.map_err(unreadable)?,
+            ended = &mut conn, if conn_ended.is_none() => conn_ended = Some(ended),
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let on_upgrade = hyper::upgrade::on(&mut response);
-        let (ended, upgraded) = tokio::join!(conn, on_upgrade);
+        let ended = match conn_ended {
+            Some(ended) => ended,
+            None => conn.await,
+        };
         ended.map_err(unreadable)?;
-        let upgraded = upgraded.map_err(unreadable)?;
+        let upgraded = on_upgrade.await.map_err(unreadable)?;
         let parts = upgraded
             .downcast::<TokioIo<TcpStream>>()
             .map_err(|_| UpstreamError::Takeover { addr: addr.clone() })?;
@@ -171,7 +178,7 @@ async fn handshake(
     let (head, body) = response.into_parts();
     let collect = Limited::new(body, MAX_ERROR_BODY).collect();
     tokio::pin!(collect);
-    let mut conn_done = false;
+    let mut conn_done = conn_ended.is_some();
     let body = loop {
         tokio::select! {
             body = &mut collect => break body,

@@ -1,0 +1,419 @@
+//! Shared test parts: the proxy started in-process on port 0, echo backends that
+//! report what they saw and can be told to misbehave, a raw backend for byte-exact
+//! checks, and clients. Readiness is always polled with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+use wsgate::{Config, Gateway, Listeners};
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Polls `check` every 10 ms until it holds or `limit` passes; panics with `what`.
+pub async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The proxy, served by `wsgate::Gateway` in this process on 127.0.0.1:0.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts a proxy from a config text; its `[server] listen` is replaced by port 0.
+    pub async fn start(config: &str) -> Proxy {
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
+        let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let addr = listeners.server[0].local_addr().expect("addr");
+        let gateway = Arc::new(Gateway::new(&config));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let gateway = gateway.clone();
+            let shutdown = shutdown.clone();
+            async move { gateway.run(listeners, shutdown).await }
+        });
+        Proxy {
+            addr,
+            gateway,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// This proxy's count for each backend of `pool`, in config order.
+    pub fn counts(&self, pool: &str) -> Vec<u64> {
+        self.gateway.state().load().pools[pool]
+            .backends
+            .iter()
+            .map(|b| b.active())
+            .collect()
+    }
+
+    pub async fn wait_counts(&self, pool: &str, expected: &[u64]) {
+        let what = format!("counts of pool {pool} to be {expected:?}");
+        wait_for(&what, Duration::from_secs(5), || self.counts(pool) == expected).await;
+    }
+
+    /// Stops the proxy and waits until it has closed everything.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        timeout(Duration::from_secs(10), task)
+            .await
+            .expect("proxy stops in time")
+            .expect("proxy task");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What an echo backend does with its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kill {
+    /// Drop the sockets: FIN, no close frame.
+    Drop,
+    /// Reset the sockets (SO_LINGER 0): RST, no close frame.
+    Reset,
+}
+
+/// A tungstenite echo server on 127.0.0.1:0 that counts what reaches it.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    /// TCP connections accepted, handshake or not.
+    pub accepted: Arc<AtomicUsize>,
+    /// WebSocket connections open now.
+    pub open: Arc<AtomicUsize>,
+    /// Request targets (path?query) of the open connections.
+    pub targets: Arc<Mutex<HashSet<String>>>,
+    /// Request headers of the last handshake.
+    pub last_request: Arc<Mutex<Option<tungstenite::http::HeaderMap>>>,
+    kill: Arc<Mutex<(CancellationToken, Kill)>>,
+    stop: CancellationToken,
+}
+
+impl EchoBackend {
+    pub async fn start() -> EchoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let backend = EchoBackend {
+            addr,
+            accepted: Arc::default(),
+            open: Arc::default(),
+            targets: Arc::default(),
+            last_request: Arc::default(),
+            kill: Arc::new(Mutex::new((CancellationToken::new(), Kill::Drop))),
+            stop: CancellationToken::new(),
+        };
+        let accepted = backend.accepted.clone();
+        let open = backend.open.clone();
+        let targets = backend.targets.clone();
+        let last_request = backend.last_request.clone();
+        let kill = backend.kill.clone();
+        let stop = backend.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let killed = kill.lock().unwrap().0.clone();
+                let open = open.clone();
+                let targets = targets.clone();
+                let last_request = last_request.clone();
+                let kill = kill.clone();
+                tokio::spawn(async move {
+                    let mut target = String::new();
+                    let callback = |req: &Request, mut resp: Response| {
+                        target = req.uri().to_string();
+                        *last_request.lock().unwrap() = Some(req.headers().clone());
+                        if let Some(offered) = req.headers().get("sec-websocket-protocol") {
+                            // Choose the last protocol offered, to show the choice is ours.
+                            let last = offered.to_str().unwrap_or("").split(',').last().unwrap_or("").trim().to_string();
+                            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(&last).unwrap());
+                        }
+                        Ok(resp)
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                        return;
+                    };
+                    targets.lock().unwrap().insert(target.clone());
+                    open.fetch_add(1, Ordering::SeqCst);
+                    loop {
+                        tokio::select! {
+                            _ = killed.cancelled() => {
+                                let how = kill.lock().unwrap().1;
+                                if how == Kill::Reset {
+                                    let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
+                                }
+                                break;
+                            }
+                            msg = ws.next() => match msg {
+                                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                                    if ws.send(m).await.is_err() { break; }
+                                }
+                                Some(Ok(_)) => {}
+                                Some(Err(_)) | None => break,
+                            }
+                        }
+                    }
+                    targets.lock().unwrap().remove(&target);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        backend
+    }
+
+    /// Ends every open connection abruptly, without a close frame.
+    pub fn kill_all(&self, how: Kill) {
+        let mut k = self.kill.lock().unwrap();
+        k.1 = how;
+        k.0.cancel();
+        k.0 = CancellationToken::new();
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn has_target(&self, target: &str) -> bool {
+        self.targets.lock().unwrap().contains(target)
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.kill.lock().unwrap().0.cancel();
+    }
+}
+
+/// An address where nothing listens (a port bound and released).
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// `[pool.NAME]` with the given backends and weights, plus extra keys.
+pub fn pool(name: &str, backends: &[(SocketAddr, u32)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ addr = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!("[pool.{name}]\nbackends = [{}]\n{extra}\n", list.join(", "))
+}
+
+pub fn route(path: &str, pool: &str) -> String {
+    format!("[[route]]\npath = \"{path}\"\npool = \"{pool}\"\n")
+}
+
+/// A WebSocket client connected through the proxy.
+pub async fn connect(url: &str) -> Ws {
+    let (ws, _) = connect_with(url, &[]).await;
+    ws
+}
+
+/// Connects with extra request headers; returns the response too.
+pub async fn connect_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, tungstenite::handshake::client::Response) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let host = request.uri().authority().expect("authority").to_string();
+    let tcp = TcpStream::connect(&host).await.expect("connect to proxy");
+    timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::client_async(request, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .unwrap_or_else(|e| panic!("handshake through the proxy failed: {e}"))
+}
+
+/// The next data, ping/pong or close message, with a deadline.
+pub async fn next(ws: &mut Ws) -> Message {
+    timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn close_code(ws: &mut Ws, limit: Duration) -> u16 {
+    let deadline = Instant::now() + limit;
+    for _ in 0..1000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, ws.next()).await {
+            Err(_) => panic!("no close frame within {limit:?}"),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => return frame.code.into(),
+            Ok(Some(Ok(Message::Close(None)))) => return 1005,
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+    panic!("no close frame among 1000 messages")
+}
+
+/// Sends raw bytes on a fresh connection and reads the HTTP response head until
+/// the blank line (or EOF); returns it as text. Bounded by 5 s.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request).await.expect("write request");
+    read_head(&mut tcp).await
+}
+
+pub async fn read_head(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no response head in 5 s, got {:?}", String::from_utf8_lossy(&head)),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A backend that completes the handshake by hand and hands each connection to the
+/// test, for byte-exact checks.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub connections: mpsc::Receiver<(TcpStream, String)>,
+}
+
+impl RawBackend {
+    /// `response_headers` are added to the 101.
+    pub async fn start(response_headers: &'static str) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let head = read_head(&mut stream).await;
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let response = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {accept}\r\n{response_headers}\r\n"
+                );
+                if stream.write_all(response.as_bytes()).await.is_err() {
+                    continue;
+                }
+                if tx.send((stream, head)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        RawBackend {
+            addr,
+            connections: rx,
+        }
+    }
+
+    pub async fn next(&mut self) -> (TcpStream, String) {
+        timeout(Duration::from_secs(5), self.connections.recv())
+            .await
+            .expect("a connection in time")
+            .expect("backend running")
+    }
+}
+
+/// Reads exactly `n` bytes with a deadline.
+pub async fn read_exact(tcp: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    timeout(Duration::from_secs(5), tcp.read_exact(&mut buf))
+        .await
+        .expect("bytes in time")
+        .expect("read");
+    buf
+}
+
+/// One WebSocket frame, masked (client to server) when `mask` is given.
+pub fn frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}

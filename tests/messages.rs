@@ -1,0 +1,131 @@
+//! Messages of every kind cross the proxy unchanged, and the handshake's
+//! negotiation (subprotocols, extensions, headers) passes through.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+async fn echo_proxy() -> (EchoBackend, Proxy) {
+    let backend = EchoBackend::start().await;
+    let config = format!("{}{}", route("/ws", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let proxy = Proxy::start(&config).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn every_kind_of_message_echoes_unchanged() {
+    let (_backend, proxy) = echo_proxy().await;
+    let mut ws = connect(&proxy.url("/ws")).await;
+
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let messages = [
+        Message::text("hello through wsgate"),
+        Message::binary(vec![0u8, 1, 2, 255]),
+        Message::text(""),
+        Message::binary(Vec::new()),
+        Message::binary(big.clone()),
+        Message::text("é日本語🙂"),
+    ];
+    for m in &messages {
+        ws.send(m.clone()).await.expect("send");
+        assert_eq!(&next(&mut ws).await, m);
+    }
+
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.expect("ping");
+    assert_eq!(next(&mut ws).await, Message::Pong(b"are you there".to_vec().into()));
+
+    // A text message in three fragments arrives as one message.
+    for (payload, opcode, fin) in [
+        ("frag", OpCode::Data(Data::Text), false),
+        ("ment", OpCode::Data(Data::Continue), false),
+        ("ed", OpCode::Data(Data::Continue), true),
+    ] {
+        let frame = Frame::message(payload.as_bytes().to_vec(), opcode, fin);
+        ws.send(Message::Frame(frame)).await.expect("fragment");
+    }
+    assert_eq!(next(&mut ws).await, Message::text("fragmented"));
+
+    ws.close(None).await.expect("close");
+    assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, 1005);
+    drop(ws);
+    proxy.wait_counts("p", &[0]).await;
+}
+
+#[tokio::test]
+async fn subprotocol_query_and_headers_reach_the_backend() {
+    let (backend, proxy) = echo_proxy().await;
+    let (mut ws, response) = connect_with(
+        &proxy.url("/ws/room?user=ada&x=1"),
+        &[
+            ("sec-websocket-protocol", "chat.v1, chat.v2"),
+            ("cookie", "session=abc"),
+            ("x-custom", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "chat.v2");
+    assert!(backend.has_target("/ws/room?user=ada&x=1"));
+    let seen = backend.last_request.lock().unwrap().clone().expect("request seen");
+    assert_eq!(seen["cookie"], "session=abc");
+    assert_eq!(seen["x-custom"], "kept");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], proxy.addr.to_string());
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("hi"));
+}
+
+/// permessage-deflate is between client and backend: its negotiation passes
+/// through and compressed frames (RSV1 set) cross byte for byte, fragments as sent.
+#[tokio::test]
+async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
+    let mut backend =
+        RawBackend::start("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n").await;
+    let config = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let proxy = Proxy::start(&config).await;
+
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let request = upgrade_request(
+        "/deflate",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    );
+    client.write_all(request.as_bytes()).await.expect("request");
+    let (mut server, head) = backend.next().await;
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"), "{head}");
+    let response = read_head(&mut client).await;
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"), "{response}");
+
+    // Client to backend: a compressed text message in two fragments (RSV1 on the
+    // first), a ping between them, then a large compressed binary frame.
+    let key = Some([0x11, 0x22, 0x33, 0x44]);
+    let mut upstream = Vec::new();
+    upstream.extend(frame(0x40 | 0x01, &[0xf2, 0x48, 0xcd], key));
+    upstream.extend(frame(0x89, b"p", key));
+    upstream.extend(frame(0x80, &[0xc9, 0xc9, 0x07, 0x00], key));
+    upstream.extend(frame(0xc2, &vec![0x5a; 70_000], key));
+    client.write_all(&upstream).await.expect("write");
+    assert_eq!(read_exact(&mut server, upstream.len()).await, upstream);
+
+    let downstream = [frame(0xc1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], None), frame(0x8a, b"p", None)].concat();
+    server.write_all(&downstream).await.expect("write");
+    assert_eq!(read_exact(&mut client, downstream.len()).await, downstream);
+
+    // A clean close both ways ends the tunnel and its count.
+    let close = frame(0x88, &[0x03, 0xe8], key);
+    client.write_all(&close).await.expect("close");
+    assert_eq!(read_exact(&mut server, close.len()).await, close);
+    server.write_all(&frame(0x88, &[0x03, 0xe8], None)).await.expect("close reply");
+    drop(server);
+    assert_eq!(read_exact(&mut client, 4).await, frame(0x88, &[0x03, 0xe8], None));
+    drop(client);
+    proxy.wait_counts("p", &[0]).await;
+}
