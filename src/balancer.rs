@@ -181,7 +181,9 @@ mod tests {
     fn weighted_least_connections_is_exact() {
         let pool = pool(&[1, 2, 3]);
         let mut rng = fastrand::Rng::with_seed(7);
-        let guards: Vec<_> = (0..600).map(|_| pool.pick(&[], &mut rng).unwrap().1).collect();
+        let guards: Vec<_> = (0..600)
+            .map(|_| pool.pick(&[], &mut rng).unwrap().1)
+            .collect();
         let counts: Vec<u64> = pool.backends.iter().map(|b| b.active()).collect();
         assert_eq!(counts, vec![100, 200, 300]);
         drop(guards);

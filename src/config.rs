@@ -111,7 +111,9 @@ impl BackendAddr {
                 !label.is_empty()
                     && label.len() <= 63
                     && !label.starts_with('-')
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             });
         valid_name.then(|| BackendAddr::Name {
             host: host.to_ascii_lowercase(),
@@ -147,7 +149,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render_problems(.path, .problems))]
-    Invalid { path: String, problems: Vec<Problem> },
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {
@@ -333,11 +338,10 @@ impl<'a> Report<'a> {
             serde_ignored::deserialize(deserializer, |path| unknown.push(segments(&path)));
         for path in unknown {
             let span = self.span_of(&path);
-            let key = dotted(&path);
             self.push(
                 span,
-                key.clone(),
-                format!("unknown key `{key}`"),
+                dotted(&path),
+                "unknown key".to_string(),
                 "remove it, or check its spelling against the keys documented in proxy.toml",
             );
         }
@@ -564,10 +568,7 @@ impl<'a> Report<'a> {
             let fix = if known.is_empty() {
                 format!("define the pool with a [pool.{pool}] table")
             } else {
-                format!(
-                    "define [pool.{pool}], or name one of: {}",
-                    known.join(", ")
-                )
+                format!("define [pool.{pool}], or name one of: {}", known.join(", "))
             };
             self.push(
                 raw.pool.span(),
@@ -583,7 +584,14 @@ impl<'a> Report<'a> {
         })
     }
 
-    fn integer(&mut self, value: &Spanned<i64>, key: &str, min: u64, max: u64, default: u64) -> u64 {
+    fn integer(
+        &mut self,
+        value: &Spanned<i64>,
+        key: &str,
+        min: u64,
+        max: u64,
+        default: u64,
+    ) -> u64 {
         match u64::try_from(*value.get_ref()) {
             Ok(n) if (min..=max).contains(&n) => n,
             _ => {
@@ -598,7 +606,12 @@ impl<'a> Report<'a> {
         }
     }
 
-    fn duration(&mut self, value: Option<&Spanned<String>>, key: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
             Ok(d) if !d.is_zero() => d,
@@ -659,7 +672,10 @@ fn parse_host_pattern(text: &str) -> Option<HostPattern> {
     };
     let valid = !name.is_empty()
         && name.split('.').all(|label| {
-            !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if !valid {
         return None;
@@ -782,8 +798,14 @@ idle_timeout = "30s"
     #[test]
     fn parses_a_good_file() {
         let config = Config::parse(GOOD, "proxy.toml").expect("valid");
-        assert_eq!(config.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
-        assert_eq!(config.routes[0].host, HostPattern::Suffix(".example.com".into()));
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:8080".parse().unwrap()]
+        );
+        assert_eq!(
+            config.routes[0].host,
+            HostPattern::Suffix(".example.com".into())
+        );
         assert_eq!(config.routes[0].path, "/ws");
         let pool = &config.pools["chat"];
         assert_eq!(pool.max_message_size, 1024 * 1024);
@@ -819,13 +841,20 @@ idle_timeout = "30s"
             ]
         );
         let shown = err.to_string();
-        assert!(shown.contains("x.toml:7:8: route[0].pool: no pool named `missing`"), "{shown}");
-        assert!(shown.contains("fix: define [pool.missing], or name one of: chat"), "{shown}");
+        assert!(
+            shown.contains("x.toml:7:8: route[0].pool: no pool named `missing`"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("fix: define [pool.missing], or name one of: chat"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn a_type_error_has_a_position() {
-        let err = Config::parse("[server]\nlisten = \"0.0.0.0:1\"\n", "x.toml").expect_err("invalid");
+        let err =
+            Config::parse("[server]\nlisten = \"0.0.0.0:1\"\n", "x.toml").expect_err("invalid");
         let p = &err.problems()[0];
         assert_eq!((p.line, p.column), (2, 10), "{err}");
     }

@@ -53,7 +53,11 @@ pub struct Walker {
 enum CloseState {
     None,
     /// Inside a close frame's payload, reading its 2-byte status code.
-    Reading { mask: [u8; 4], seen: u8, code: [u8; 2] },
+    Reading {
+        mask: [u8; 4],
+        seen: u8,
+        code: [u8; 2],
+    },
     Seen(u16),
 }
 
@@ -70,7 +74,10 @@ fn parse_header(data: &[u8]) -> Option<Header> {
     let b1 = *data.get(1)?;
     let masked = b1 & 0x80 != 0;
     let (payload, mut len) = match b1 & 0x7f {
-        126 => (u64::from(u16::from_be_bytes([*data.get(2)?, *data.get(3)?])), 4),
+        126 => (
+            u64::from(u16::from_be_bytes([*data.get(2)?, *data.get(3)?])),
+            4,
+        ),
         127 => {
             let bytes: [u8; 8] = data.get(2..10)?.try_into().ok()?;
             (u64::from_be_bytes(bytes), 10)

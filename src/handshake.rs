@@ -48,7 +48,10 @@ impl Rejection {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
             }
             Rejection::UnsupportedVersion => {
-                headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             _ => {}
         }
@@ -172,7 +175,11 @@ fn strip_port(authority: &str) -> &str {
 
 /// The upgrade request sent to the backend: same path, query and end-to-end
 /// headers (subprotocols, extensions, cookies...), plus X-Forwarded-*.
-pub fn backend_request<B>(req: &Request<B>, peer: SocketAddr, proto: &'static str) -> Request<Empty<Bytes>> {
+pub fn backend_request<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    proto: &'static str,
+) -> Request<Empty<Bytes>> {
     let mut headers = end_to_end(req.headers());
     set_upgrade(&mut headers);
     let xff = header::HeaderName::from_static("x-forwarded-for");
@@ -248,14 +255,21 @@ mod tests {
         let plain = Request::get("/").body(()).unwrap();
         assert_eq!(validate(&plain), Err(Rejection::NotWebSocket));
         let post = upgrade().method("POST").body(()).unwrap();
-        assert_eq!(validate(&post).map_err(Rejection::status), Err(StatusCode::BAD_REQUEST));
-        let key = upgrade().header("sec-websocket-key", "short").body(()).unwrap();
+        assert_eq!(
+            validate(&post).map_err(Rejection::status),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        let key = upgrade()
+            .header("sec-websocket-key", "short")
+            .body(())
+            .unwrap();
         // Two keys: the first is checked, the second is ignored by `get`.
         assert_eq!(validate(&key), Ok(()));
         let mut bad_key = upgrade().body(()).unwrap();
-        bad_key
-            .headers_mut()
-            .insert("sec-websocket-key", HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZR=="));
+        bad_key.headers_mut().insert(
+            "sec-websocket-key",
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZR=="),
+        );
         assert!(matches!(validate(&bad_key), Err(Rejection::Malformed(_))));
         let mut version = upgrade().body(()).unwrap();
         version

@@ -41,9 +41,9 @@ impl Listeners {
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let mut server = Vec::new();
         for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             server.push(listener);
         }
         Ok(Listeners { server })

@@ -1,7 +1,7 @@
 //! The `wsgate` command: parses the CLI, loads `proxy.toml`, binds, installs signal
 //! handlers and hands over to the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use wsgate::{Config, Gateway, Listeners};
 
 #[derive(Parser)]
-#[command(name = "wsgate", version, about = "A load-balancing reverse proxy made for WebSockets")]
+#[command(
+    name = "wsgate",
+    version,
+    about = "A load-balancing reverse proxy made for WebSockets"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(long, short, global = true, default_value = "proxy.toml")]
@@ -50,7 +54,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
@@ -67,7 +71,11 @@ fn check(path: &PathBuf) -> ExitCode {
             eprintln!("{e}");
             let n = e.problems().len();
             if n > 0 {
-                eprintln!("{}: {n} error{}", path.display(), if n == 1 { "" } else { "s" });
+                eprintln!(
+                    "{}: {n} error{}",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                );
             }
             ExitCode::FAILURE
         }
@@ -93,7 +101,11 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
 
 /// SIGINT/SIGTERM: stop accepting and close every tunnel (1001); a second one exits
 /// at once. SIGHUP: reload the configuration; an invalid file keeps the old one.
-async fn signals(path: PathBuf, state: std::sync::Arc<wsgate::state::State>, shutdown: CancellationToken) {
+async fn signals(
+    path: PathBuf,
+    state: std::sync::Arc<wsgate::state::State>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),

@@ -163,7 +163,9 @@ async fn proxy(
     let upgraded = match answer {
         Ok(Answer::Upgraded(upgraded)) => upgraded,
         Ok(Answer::Declined(response)) => {
-            span.in_scope(|| tracing::info!(status = %response.status(), "backend declined the upgrade"));
+            span.in_scope(
+                || tracing::info!(status = %response.status(), "backend declined the upgrade"),
+            );
             return response;
         }
         Err(e) => {
@@ -171,6 +173,10 @@ async fn proxy(
             return handshake::plain(e.status(), &e.to_string());
         }
     };
+    span.record(
+        "backend",
+        tracing::field::display(&upgraded.guard.backend().addr),
+    );
     let response = handshake::switching_protocols(&upgraded.head);
     let limits = Limits {
         idle_timeout: pool.settings.idle_timeout,

@@ -35,7 +35,8 @@ impl Route {
             HostPattern::Exact(name) => host.is_some_and(|h| h.eq_ignore_ascii_case(name)),
             HostPattern::Suffix(suffix) => host.is_some_and(|h| {
                 h.len() > suffix.len()
-                    && h.as_bytes()[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                    && h.as_bytes()[h.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
             }),
         };
         host_ok && path_matches(&self.path, path)

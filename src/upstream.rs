@@ -75,7 +75,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => "backend_refused",
             UpstreamError::ConnectTimeout { .. } => "backend_timeout",
             UpstreamError::HandshakeTimeout { .. } => "backend_timeout",
-            UpstreamError::Unreadable { .. } | UpstreamError::Takeover { .. } => "backend_bad_answer",
+            UpstreamError::Unreadable { .. } | UpstreamError::Takeover { .. } => {
+                "backend_bad_answer"
+            }
         }
     }
 }
@@ -98,12 +100,14 @@ pub async fn open(
         tried.push(index);
         let backend = guard.backend().clone();
         let addr = backend.addr.to_string();
-        tracing::Span::current().record("backend", addr.as_str());
         match timeout(settings.connect_timeout, connect(&backend)).await {
             Ok(Ok(stream)) => {
-                return timeout(settings.handshake_timeout, handshake(stream, request, guard))
-                    .await
-                    .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }));
+                return timeout(
+                    settings.handshake_timeout,
+                    handshake(stream, request, guard),
+                )
+                .await
+                .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }));
             }
             Ok(Err(source)) => {
                 tracing::warn!(backend = %addr, error = %source, "backend refused, trying the next");

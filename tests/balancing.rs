@@ -19,7 +19,10 @@ async fn open_many(proxy: &Proxy, ids: std::ops::Range<usize>) -> Vec<(usize, Ws
 
 fn within(actual: &[u64], expected: &[u64], slack: u64) -> bool {
     actual.len() == expected.len()
-        && actual.iter().zip(expected).all(|(a, e)| a.abs_diff(*e) <= slack)
+        && actual
+            .iter()
+            .zip(expected)
+            .all(|(a, e)| a.abs_diff(*e) <= slack)
 }
 
 async fn backends(n: usize) -> Vec<EchoBackend> {
@@ -38,13 +41,19 @@ async fn three_equal_backends_share_300_connections_and_an_emptied_one_refills()
 
     let clients = open_many(&proxy, 0..300).await;
     let counts = proxy.counts("p");
-    assert!(within(&counts, &[100, 100, 100], 1), "proxy counts {counts:?}");
+    assert!(
+        within(&counts, &[100, 100, 100], 1),
+        "proxy counts {counts:?}"
+    );
     wait_for("backends to see 300", Duration::from_secs(5), || {
         backends.iter().map(|b| b.open()).sum::<usize>() == 300
     })
     .await;
     let seen: Vec<usize> = backends.iter().map(|b| b.open()).collect();
-    assert!(seen.iter().all(|n| n.abs_diff(100) <= 1), "backends saw {seen:?}");
+    assert!(
+        seen.iter().all(|n| n.abs_diff(100) <= 1),
+        "backends saw {seen:?}"
+    );
 
     // Close, cleanly, every client that landed on backend 0.
     let (on_first, mut rest): (Vec<_>, Vec<_>) = clients
@@ -61,9 +70,11 @@ async fn three_equal_backends_share_300_connections_and_an_emptied_one_refills()
     let refill = open_many(&proxy, 1000..1100).await;
     for (i, _) in &refill {
         let target = format!("/ws?c={i}");
-        wait_for("the backend to register the client", Duration::from_secs(5), || {
-            backends[0].has_target(&target)
-        })
+        wait_for(
+            "the backend to register the client",
+            Duration::from_secs(5),
+            || backends[0].has_target(&target),
+        )
         .await;
     }
     assert_eq!(proxy.counts("p"), vec![100, counts[1], counts[2]]);
@@ -71,7 +82,9 @@ async fn three_equal_backends_share_300_connections_and_an_emptied_one_refills()
     // Every connection still works.
     rest.extend(refill);
     for (i, ws) in rest.iter_mut().step_by(10) {
-        ws.send(Message::text(format!("still here {i}"))).await.expect("send");
+        ws.send(Message::text(format!("still here {i}")))
+            .await
+            .expect("send");
         assert_eq!(next(ws).await, Message::text(format!("still here {i}")));
     }
 }
@@ -79,15 +92,26 @@ async fn three_equal_backends_share_300_connections_and_an_emptied_one_refills()
 #[tokio::test]
 async fn weights_one_two_three_get_50_100_150() {
     let backends = backends(3).await;
-    let list: Vec<_> = backends.iter().zip([1, 2, 3]).map(|(b, w)| (b.addr, w)).collect();
+    let list: Vec<_> = backends
+        .iter()
+        .zip([1, 2, 3])
+        .map(|(b, w)| (b.addr, w))
+        .collect();
     let proxy = Proxy::start(&format!("{}{}", route("/ws", "p"), pool("p", &list, ""))).await;
     let _clients = open_many(&proxy, 0..300).await;
     let counts = proxy.counts("p");
-    assert!(within(&counts, &[50, 100, 150], 2), "proxy counts {counts:?}");
-    wait_for("backends to see 50/100/150 ± 2", Duration::from_secs(5), || {
-        let seen: Vec<u64> = backends.iter().map(|b| b.open() as u64).collect();
-        within(&seen, &[50, 100, 150], 2) && seen.iter().sum::<u64>() == 300
-    })
+    assert!(
+        within(&counts, &[50, 100, 150], 2),
+        "proxy counts {counts:?}"
+    );
+    wait_for(
+        "backends to see 50/100/150 ± 2",
+        Duration::from_secs(5),
+        || {
+            let seen: Vec<u64> = backends.iter().map(|b| b.open() as u64).collect();
+            within(&seen, &[50, 100, 150], 2) && seen.iter().sum::<u64>() == 300
+        },
+    )
     .await;
 }
 

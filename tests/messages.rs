@@ -9,12 +9,16 @@ use common::*;
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 async fn echo_proxy() -> (EchoBackend, Proxy) {
     let backend = EchoBackend::start().await;
-    let config = format!("{}{}", route("/ws", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let config = format!(
+        "{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    );
     let proxy = Proxy::start(&config).await;
     (backend, proxy)
 }
@@ -38,8 +42,13 @@ async fn every_kind_of_message_echoes_unchanged() {
         assert_eq!(&next(&mut ws).await, m);
     }
 
-    ws.send(Message::Ping(b"are you there".to_vec().into())).await.expect("ping");
-    assert_eq!(next(&mut ws).await, Message::Pong(b"are you there".to_vec().into()));
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .expect("ping");
+    assert_eq!(
+        next(&mut ws).await,
+        Message::Pong(b"are you there".to_vec().into())
+    );
 
     // A text message in three fragments arrives as one message.
     for (payload, opcode, fin) in [
@@ -73,7 +82,12 @@ async fn subprotocol_query_and_headers_reach_the_backend() {
     assert_eq!(response.status(), 101);
     assert_eq!(response.headers()["sec-websocket-protocol"], "chat.v2");
     assert!(backend.has_target("/ws/room?user=ada&x=1"));
-    let seen = backend.last_request.lock().unwrap().clone().expect("request seen");
+    let seen = backend
+        .last_request
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("request seen");
     assert_eq!(seen["cookie"], "session=abc");
     assert_eq!(seen["x-custom"], "kept");
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
@@ -87,22 +101,35 @@ async fn subprotocol_query_and_headers_reach_the_backend() {
 /// through and compressed frames (RSV1 set) cross byte for byte, fragments as sent.
 #[tokio::test]
 async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
-    let mut backend =
-        RawBackend::start("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n").await;
+    let mut backend = RawBackend::start(
+        "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n",
+    )
+    .await;
     let config = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
     let proxy = Proxy::start(&config).await;
 
-    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
     let request = upgrade_request(
         "/deflate",
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
     );
     client.write_all(request.as_bytes()).await.expect("request");
     let (mut server, head) = backend.next().await;
-    assert!(head.to_ascii_lowercase().contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"),
+        "{head}"
+    );
     let response = read_head(&mut client).await;
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
-    assert!(response.to_ascii_lowercase().contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"),
+        "{response}"
+    );
 
     // Client to backend: a compressed text message in two fragments (RSV1 on the
     // first), a ping between them, then a large compressed binary frame.
@@ -115,7 +142,11 @@ async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
     client.write_all(&upstream).await.expect("write");
     assert_eq!(read_exact(&mut server, upstream.len()).await, upstream);
 
-    let downstream = [frame(0xc1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], None), frame(0x8a, b"p", None)].concat();
+    let downstream = [
+        frame(0xc1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], None),
+        frame(0x8a, b"p", None),
+    ]
+    .concat();
     server.write_all(&downstream).await.expect("write");
     assert_eq!(read_exact(&mut client, downstream.len()).await, downstream);
 
@@ -123,9 +154,15 @@ async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
     let close = frame(0x88, &[0x03, 0xe8], key);
     client.write_all(&close).await.expect("close");
     assert_eq!(read_exact(&mut server, close.len()).await, close);
-    server.write_all(&frame(0x88, &[0x03, 0xe8], None)).await.expect("close reply");
+    server
+        .write_all(&frame(0x88, &[0x03, 0xe8], None))
+        .await
+        .expect("close reply");
     drop(server);
-    assert_eq!(read_exact(&mut client, 4).await, frame(0x88, &[0x03, 0xe8], None));
+    assert_eq!(
+        read_exact(&mut client, 4).await,
+        frame(0x88, &[0x03, 0xe8], None)
+    );
     drop(client);
     proxy.wait_counts("p", &[0]).await;
 }

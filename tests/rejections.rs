@@ -41,7 +41,10 @@ async fn each_bad_request_gets_its_status_and_no_backend_sees_it() {
 
     let plain = raw_request(addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status(&plain), "426", "{plain}");
-    assert!(plain.to_ascii_lowercase().contains("upgrade: websocket"), "{plain}");
+    assert!(
+        plain.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{plain}"
+    );
 
     let no_route = raw_request(addr, upgrade_request("/nowhere", "").as_bytes()).await;
     assert_eq!(status(&no_route), "404", "{no_route}");
@@ -61,7 +64,11 @@ async fn each_bad_request_gets_its_status_and_no_backend_sees_it() {
     let old = upgrade_request("/ws", "").replace("Version: 13", "Version: 8");
     let head = raw_request(addr, old.as_bytes()).await;
     assert_eq!(status(&head), "426", "{head}");
-    assert!(head.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{head}"
+    );
 
     let huge = upgrade_request("/ws", &format!("X-Big: {}\r\n", "a".repeat(20_000)));
     let head = raw_request(addr, huge.as_bytes()).await;
@@ -73,7 +80,11 @@ async fn each_bad_request_gets_its_status_and_no_backend_sees_it() {
     let empty = raw_request(addr, upgrade_request("/empty", "").as_bytes()).await;
     assert_eq!(status(&empty), "503", "{empty}");
 
-    assert_eq!(backend.accepted(), 0, "a rejected request reached the backend");
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "a rejected request reached the backend"
+    );
 
     // The proxy still serves good requests after all that.
     let _ws = connect(&proxy.url("/ws")).await;
@@ -85,7 +96,9 @@ async fn a_client_sending_headers_too_slowly_is_closed_at_the_handshake_timeout(
     let (backend, proxy) = setup().await;
     let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
     let started = Instant::now();
-    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
     // One header line every 100 ms: never finishes within the 400 ms timeout.
     let mut closed_after = None;
     for i in 0..50 {

@@ -39,7 +39,12 @@ async fn a_killed_backend_gives_its_clients_1011_within_a_second() {
         for ws in clients.iter_mut() {
             // Clients on the surviving backend still echo; the others get 1011.
             if ws.send(Message::text("again")).await.is_ok() {
-                match tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(ws)).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    futures_util::StreamExt::next(ws),
+                )
+                .await
+                {
                     Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "again"),
                     Ok(Some(Ok(Message::Close(Some(f))))) => codes.push(u16::from(f.code)),
                     other => panic!("{how:?}: neither echo nor close within 1 s: {other:?}"),
@@ -68,7 +73,9 @@ async fn counts_return_to_zero_however_connections_end() {
     let clients = open(&proxy, 20).await;
     for ws in clients {
         let tcp = ws.into_inner();
-        socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).expect("linger");
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
         drop(tcp);
     }
     proxy.wait_counts("p", &[0, 0]).await;
@@ -96,9 +103,13 @@ async fn counts_return_to_zero_however_connections_end() {
 async fn a_message_over_the_limit_closes_with_1009() {
     let (backends, proxy) = setup("max_message_size = \"1KiB\"").await;
     let mut ws = connect(&proxy.url("/ws")).await;
-    ws.send(Message::binary(vec![1u8; 1024])).await.expect("send");
+    ws.send(Message::binary(vec![1u8; 1024]))
+        .await
+        .expect("send");
     assert_eq!(next(&mut ws).await, Message::binary(vec![1u8; 1024]));
-    ws.send(Message::binary(vec![1u8; 1025])).await.expect("send");
+    ws.send(Message::binary(vec![1u8; 1025]))
+        .await
+        .expect("send");
     assert_eq!(close_code(&mut ws, Duration::from_secs(2)).await, 1009);
     drop(ws);
     proxy.wait_counts("p", &[0, 0]).await;
@@ -120,8 +131,14 @@ async fn a_backend_message_over_the_limit_closes_the_client_with_1009() {
     let mut ws = connect(&proxy.url("/big")).await;
     let (mut server, _) = backend.next().await;
     // Fragments of 60 bytes: the second takes the message to 120.
-    server.write_all(&frame(0x01, &[b'a'; 60], None)).await.expect("write");
-    server.write_all(&frame(0x80, &[b'a'; 60], None)).await.expect("write");
+    server
+        .write_all(&frame(0x01, &[b'a'; 60], None))
+        .await
+        .expect("write");
+    server
+        .write_all(&frame(0x80, &[b'a'; 60], None))
+        .await
+        .expect("write");
     assert_eq!(close_code(&mut ws, Duration::from_secs(2)).await, 1009);
     // The backend is told too, with a masked close frame.
     let close = read_exact(&mut server, 8).await;

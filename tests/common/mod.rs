@@ -2,7 +2,7 @@
 //! report what they saw and can be told to misbehave, a raw backend for byte-exact
 //! checks, and clients. Readiness is always polled with a deadline.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::result_large_err)]
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -79,7 +79,10 @@ impl Proxy {
 
     pub async fn wait_counts(&self, pool: &str, expected: &[u64]) {
         let what = format!("counts of pool {pool} to be {expected:?}");
-        wait_for(&what, Duration::from_secs(5), || self.counts(pool) == expected).await;
+        wait_for(&what, Duration::from_secs(5), || {
+            self.counts(pool) == expected
+        })
+        .await;
     }
 
     /// Stops the proxy and waits until it has closed everything.
@@ -129,7 +132,9 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> EchoBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let backend = EchoBackend {
             addr,
@@ -165,12 +170,23 @@ impl EchoBackend {
                         *last_request.lock().unwrap() = Some(req.headers().clone());
                         if let Some(offered) = req.headers().get("sec-websocket-protocol") {
                             // Choose the last protocol offered, to show the choice is ours.
-                            let last = offered.to_str().unwrap_or("").split(',').last().unwrap_or("").trim().to_string();
-                            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(&last).unwrap());
+                            let last = offered
+                                .to_str()
+                                .unwrap_or("")
+                                .split(',')
+                                .next_back()
+                                .unwrap_or("")
+                                .trim()
+                                .to_string();
+                            resp.headers_mut().insert(
+                                "sec-websocket-protocol",
+                                HeaderValue::from_str(&last).unwrap(),
+                            );
                         }
                         Ok(resp)
                     };
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await
+                    else {
                         return;
                     };
                     targets.lock().unwrap().insert(target.clone());
@@ -320,7 +336,10 @@ pub async fn read_head(tcp: &mut TcpStream) -> String {
         match timeout(left, tcp.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("no response head in 5 s, got {:?}", String::from_utf8_lossy(&head)),
+            Err(_) => panic!(
+                "no response head in 5 s, got {:?}",
+                String::from_utf8_lossy(&head)
+            ),
         }
     }
     String::from_utf8_lossy(&head).into_owned()
@@ -353,7 +372,8 @@ impl RawBackend {
                     .lines()
                     .find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
                     })
                     .unwrap_or_default();
                 let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
