@@ -132,3 +132,61 @@ async fn a_client_sending_headers_too_slowly_is_closed_at_the_handshake_timeout(
     );
     assert_eq!(backend.accepted(), 0);
 }
+
+/// A backend that answers every connection with `answer` and closes.
+async fn fixed_answer_backend(answer: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = read_head(&mut tcp).await;
+            let _ = tcp.write_all(answer).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_refusal_goes_back_as_it_was_and_garbage_is_502() {
+    let refusing = fixed_answer_backend(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 14\r\nX-Reason: banned\r\n\r\nnot for you ok",
+    )
+    .await;
+    let garbage = fixed_answer_backend(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let config = format!(
+        "{}{}{}{}",
+        route("/refuse", "refusing"),
+        route("/garbage", "garbage"),
+        pool("refusing", &[(refusing, 1)], ""),
+        pool("garbage", &[(garbage, 1)], ""),
+    );
+    let proxy = Proxy::start(&config).await;
+
+    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+    tcp.write_all(upgrade_request("/refuse", "").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"not for you ok") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("answer in time");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 403 forbidden"), "{answer}");
+    assert!(answer.contains("x-reason: banned"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nnot for you ok"), "{answer}");
+
+    let head = raw_request(proxy.addr, upgrade_request("/garbage", "").as_bytes()).await;
+    assert_eq!(status(&head), "502", "{head}");
+    proxy.wait_counts("refusing", &[0]).await;
+    proxy.wait_counts("garbage", &[0]).await;
+}
