@@ -19,6 +19,9 @@ pub struct Backend {
     weight: AtomicU32,
     /// Connections assigned by this instance, handshakes in flight included.
     active: AtomicU64,
+    /// Connections the other live instances of the cluster hold, as they last
+    /// published them; written by the cluster task, read by the pick, never awaited.
+    remote: AtomicU64,
     /// No longer in the config: keeps its tunnels, gets no new ones.
     draining: AtomicBool,
 }
@@ -29,6 +32,7 @@ impl Backend {
             addr: config.addr.clone(),
             weight: AtomicU32::new(config.weight.get()),
             active: AtomicU64::new(0),
+            remote: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }
     }
@@ -39,6 +43,19 @@ impl Backend {
 
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn remote(&self) -> u64 {
+        self.remote.load(Ordering::Relaxed)
+    }
+
+    pub fn set_remote(&self, connections: u64) {
+        self.remote.store(connections, Ordering::Relaxed);
+    }
+
+    /// Cluster-wide connections: this instance's exact count plus the others'.
+    pub fn load(&self) -> u64 {
+        self.active().saturating_add(self.remote())
     }
 
     pub fn is_draining(&self) -> bool {
@@ -107,7 +124,8 @@ impl Pool {
         }
     }
 
-    /// Picks the available backend with the fewest connections per unit of weight,
+    /// Picks the available backend with the fewest cluster-wide connections (this
+    /// instance's exact count plus the others' published ones) per unit of weight,
     /// skipping those in `tried`; a uniformly random one among ties. The returned
     /// guard already counts the new connection, so concurrent picks see it.
     pub fn pick(&self, tried: &[usize], rng: &mut fastrand::Rng) -> Option<(usize, ConnGuard)> {
@@ -143,10 +161,10 @@ impl Pool {
     }
 }
 
-/// Compares active/weight of two backends without division: a/wa < b/wb ⇔ a·wb < b·wa.
+/// Compares load/weight of two backends without division: a/wa < b/wb ⇔ a·wb < b·wa.
 fn compare_load(a: &Backend, b: &Backend) -> std::cmp::Ordering {
-    let left = u128::from(a.active()) * u128::from(b.weight());
-    let right = u128::from(b.active()) * u128::from(a.weight());
+    let left = u128::from(a.load()) * u128::from(b.weight());
+    let right = u128::from(b.load()) * u128::from(a.weight());
     left.cmp(&right)
 }
 
@@ -211,6 +229,40 @@ mod tests {
         assert_eq!(i, 2);
         assert!(pool.pick(&[0, 2], &mut rng).is_none());
         assert!(self::pool(&[]).pick(&[], &mut rng).is_none());
+    }
+
+    #[test]
+    fn remote_counts_join_the_score() {
+        // Another instance holds 50 on backend 0: the next 100 go 0/50/50.
+        let pool = pool(&[1, 1, 1]);
+        pool.backends[0].set_remote(50);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let _guards: Vec<_> = (0..100)
+            .map(|_| pool.pick(&[], &mut rng).unwrap().1)
+            .collect();
+        let local: Vec<u64> = pool.backends.iter().map(|b| b.active()).collect();
+        assert_eq!(local, vec![0, 50, 50]);
+    }
+
+    #[test]
+    fn remote_counts_are_divided_by_weight() {
+        // Loads 30/1, 50/2, 90/3 = 30, 25, 30: backend 1 is least loaded.
+        let pool = pool(&[1, 2, 3]);
+        for (b, remote) in pool.backends.iter().zip([30, 50, 90]) {
+            b.set_remote(remote);
+        }
+        let mut rng = fastrand::Rng::with_seed(5);
+        assert_eq!(pool.pick(&[], &mut rng).unwrap().0, 1);
+        // 60 more: loads converge to equal per weight, 30+n0 = (50+n1)/2 = (90+n2)/3.
+        let _guards: Vec<_> = (0..60)
+            .map(|_| pool.pick(&[], &mut rng).unwrap().1)
+            .collect();
+        let loads: Vec<u64> = pool.backends.iter().map(|b| b.load()).collect();
+        assert_eq!(loads.iter().sum::<u64>(), 230);
+        assert!(
+            loads[0].abs_diff(38) <= 1 && loads[1].abs_diff(77) <= 1 && loads[2].abs_diff(115) <= 1,
+            "{loads:?}"
+        );
     }
 
     #[test]

@@ -25,6 +25,43 @@ pub struct Config {
     /// In file order: the first matching route wins.
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
+    pub cluster: ClusterConfig,
+}
+
+/// How this instance shares its state: through Redis with `redis` set, else in
+/// memory (a single instance). Read at start; a reload does not change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL; `None` keeps all state in memory.
+    pub redis: Option<String>,
+    /// Key prefix: instances with the same name balance together.
+    pub name: String,
+    /// How often this instance refreshes its keys and reads the others'. Its keys
+    /// live for three heartbeats, so a dead instance's share vanishes by then.
+    pub heartbeat: Duration,
+    /// This instance's name in Redis and in presence records.
+    pub instance_id: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            name: "wsgate".to_string(),
+            heartbeat: defaults::HEARTBEAT,
+            instance_id: generated_instance_id(),
+        }
+    }
+}
+
+/// `HOSTNAME-xxxxxx`: readable in redis-cli, unique across restarts.
+fn generated_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| valid_name(h))
+        .unwrap_or_else(|| "wsgate".to_string());
+    format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +83,37 @@ pub struct RouteConfig {
     /// not `/wsx`.
     pub path: String,
     pub pool: String,
+    /// Where a connection's user id comes from, for presence.
+    pub identity: Option<IdentitySource>,
+}
+
+/// Where the presence identity of a connection is read from in its upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `query:NAME`: the query parameter NAME.
+    Query(String),
+    /// `header:NAME`: the request header NAME.
+    Header(http::HeaderName),
+    /// `cookie:NAME`: the cookie NAME.
+    Cookie(String),
+}
+
+impl IdentitySource {
+    pub fn parse(text: &str) -> Option<IdentitySource> {
+        let (kind, name) = text.split_once(':')?;
+        let name = name.trim();
+        if name.is_empty() {
+            return None;
+        }
+        match kind.trim() {
+            "query" => Some(IdentitySource::Query(name.to_string())),
+            "header" => http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(IdentitySource::Header),
+            "cookie" => Some(IdentitySource::Cookie(name.to_string())),
+            _ => None,
+        }
+    }
 }
 
 /// Which `Host` a route answers.
@@ -132,6 +200,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     pub const MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
     pub const RETRIES: usize = 2;
+    pub const HEARTBEAT: Duration = Duration::from_secs(1);
 }
 
 /// hyper will not read request heads into a buffer smaller than this.
@@ -227,6 +296,15 @@ struct RawConfig {
     route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pool: BTreeMap<String, RawPool>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+struct RawCluster {
+    redis: Option<Spanned<String>>,
+    name: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<String>>,
+    instance_id: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +320,7 @@ struct RawRoute {
     host: Option<Spanned<String>>,
     path: Spanned<String>,
     pool: Spanned<String>,
+    identity: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -394,11 +473,68 @@ impl<'a> Report<'a> {
                 routes.push(route);
             }
         }
+        let cluster = self.cluster(raw.cluster);
         Config {
             server,
             routes,
             pools,
+            cluster,
         }
+    }
+
+    fn cluster(&mut self, raw: Option<RawCluster>) -> ClusterConfig {
+        let mut cluster = ClusterConfig::default();
+        let Some(raw) = raw else { return cluster };
+        if let Some(url) = raw.redis {
+            let scheme_ok =
+                url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://");
+            match redis::Client::open(url.get_ref().as_str()) {
+                Ok(_) if scheme_ok => cluster.redis = Some(url.into_inner()),
+                _ => self.push(
+                    url.span(),
+                    "cluster.redis",
+                    format!("`{}` is not a Redis URL", url.get_ref()),
+                    "write redis://[:password@]host:port/db, or rediss:// for TLS",
+                ),
+            }
+        }
+        for (value, key, target) in [
+            (raw.name, "cluster.name", &mut cluster.name),
+            (
+                raw.instance_id,
+                "cluster.instance_id",
+                &mut cluster.instance_id,
+            ),
+        ] {
+            let Some(value) = value else { continue };
+            if valid_name(value.get_ref()) && value.get_ref().len() <= 64 {
+                *target = value.into_inner();
+            } else {
+                self.push(
+                    value.span(),
+                    key,
+                    format!("`{}` is not allowed here", value.get_ref()),
+                    "use up to 64 letters, digits, `-` and `_`",
+                );
+            }
+        }
+        cluster.heartbeat = self.duration(
+            raw.heartbeat.as_ref(),
+            "cluster.heartbeat",
+            defaults::HEARTBEAT,
+        );
+        if cluster.heartbeat < Duration::from_millis(50) {
+            if let Some(h) = &raw.heartbeat {
+                self.push(
+                    h.span(),
+                    "cluster.heartbeat",
+                    "a heartbeat under 50ms would load Redis for nothing".into(),
+                    "use 50ms or more; 1s suits most fleets",
+                );
+            }
+            cluster.heartbeat = defaults::HEARTBEAT;
+        }
+        cluster
     }
 
     fn server(&mut self, raw: RawServer) -> ServerConfig {
@@ -577,10 +713,27 @@ impl<'a> Report<'a> {
                 &fix,
             );
         }
+        let identity = match &raw.identity {
+            None => None,
+            Some(text) => {
+                let parsed = IdentitySource::parse(text.get_ref());
+                if parsed.is_none() {
+                    ok = false;
+                    self.push(
+                        text.span(),
+                        format!("{key}.identity"),
+                        format!("`{}` is not an identity source", text.get_ref()),
+                        "write \"query:NAME\", \"header:NAME\" or \"cookie:NAME\"",
+                    );
+                }
+                parsed
+            }
+        };
         ok.then(|| RouteConfig {
             host,
             path: normalize_prefix(path),
             pool: pool.clone(),
+            identity,
         })
     }
 

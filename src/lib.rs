@@ -10,11 +10,15 @@
 //! | [`upstream`] | connect and handshake to a backend, retrying the next candidate |
 //! | [`relay`] | the tunnel after the upgrade |
 //! | [`frame`] | the frame walker the tunnel runs in each direction |
+//! | [`cluster`] | state shared with other instances: Redis or in memory |
+//! | [`presence`] | identities, presence records and join/leave events |
 
 pub mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod presence;
 pub mod relay;
 pub mod server;
 pub mod state;
@@ -28,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use cluster::{Cluster, ClusterError};
 pub use config::{Config, ConfigError};
 use state::State;
 
@@ -54,17 +59,23 @@ impl Listeners {
 /// [`Gateway::run`] serves.
 pub struct Gateway {
     state: Arc<State>,
+    cluster: Arc<Cluster>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Gateway {
-        Gateway {
+    pub fn new(config: &Config) -> Result<Gateway, ClusterError> {
+        Ok(Gateway {
             state: Arc::new(State::new(config)),
-        }
+            cluster: Cluster::new(&config.cluster)?,
+        })
     }
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// Serves until `shutdown` is cancelled, then closes every tunnel (1001) and
@@ -72,8 +83,15 @@ impl Gateway {
     pub async fn run(&self, listeners: Listeners, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let max_connections = self.state.load().server.max_connections;
+        let stop_cluster = CancellationToken::new();
+        let cluster_task = tokio::spawn(
+            self.cluster
+                .clone()
+                .run(self.state.clone(), stop_cluster.clone()),
+        );
         let shared = server::Shared {
             state: self.state.clone(),
+            cluster: self.cluster.clone(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -89,10 +107,20 @@ impl Gateway {
         accept_loops.wait().await;
         tracker.close();
         tracker.wait().await;
+        // Every tunnel is closed: publish the last leaves, then leave the cluster.
+        stop_cluster.cancel();
+        if let Err(e) = cluster_task.await {
+            tracing::error!(error = %e, "cluster task failed");
+        }
     }
 }
 
 /// Serves `config` on `listeners` until `shutdown` is cancelled.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) {
-    Gateway::new(&config).run(listeners, shutdown).await
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    Gateway::new(&config)?.run(listeners, shutdown).await;
+    Ok(())
 }

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Run => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
@@ -90,7 +91,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let listeners = Listeners::bind(&config).await?;
-        let gateway = Gateway::new(&config);
+        let gateway = Gateway::new(&config)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(path, gateway.state().clone(), shutdown.clone()));
         gateway.run(listeners, shutdown).await;

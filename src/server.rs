@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::Cluster;
 use crate::handshake::{self, Rejection};
+use crate::presence::{self, PresenceEntry};
 use crate::relay::{Limits, Tunnel};
 use crate::state::State;
 use crate::upstream::{self, Answer};
@@ -30,6 +32,7 @@ use crate::upstream::{self, Answer};
 #[derive(Clone)]
 pub struct Shared {
     pub state: Arc<State>,
+    pub cluster: Arc<Cluster>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
     /// One permit per client connection, held from accept to the end of its tunnel.
@@ -144,6 +147,13 @@ async fn proxy(
         tracing::debug!(%peer, ?rejection, "rejected upgrade");
         return rejection.response();
     }
+    let user = match &route.identity {
+        None => None,
+        Some(source) => match presence::identity(source, &req) {
+            Ok(user) => user,
+            Err(reason) => return Rejection::Malformed(reason).response(),
+        },
+    };
     let pool = route.pool.clone();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
@@ -173,10 +183,18 @@ async fn proxy(
             return handshake::plain(e.status(), &e.to_string());
         }
     };
-    span.record(
-        "backend",
-        tracing::field::display(&upgraded.guard.backend().addr),
-    );
+    let backend = upgraded.guard.backend().addr.to_string();
+    span.record("backend", backend.as_str());
+    let presence = user.map(|user| {
+        shared.cluster.presence().join(PresenceEntry {
+            user,
+            instance: shared.cluster.instance_id().to_string(),
+            pool: pool.name.clone(),
+            backend,
+            conn: id,
+            since: presence::now_ms(),
+        })
+    });
     let response = handshake::switching_protocols(&upgraded.head);
     let limits = Limits {
         idle_timeout: pool.settings.idle_timeout,
@@ -203,7 +221,7 @@ async fn proxy(
                 backend: upgraded.stream,
                 backend_early: upgraded.early,
                 limits,
-                backend_guard: upgraded.guard,
+                backend_guard: (upgraded.guard, presence),
             };
             let outcome = tunnel.run(shutdown).await;
             drop(permit);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::balancer::Pool;
-use crate::config::{Config, HostPattern, ServerConfig};
+use crate::config::{Config, HostPattern, IdentitySource, ServerConfig};
 
 /// One consistent view of routes and pools.
 #[derive(Debug)]
@@ -26,6 +26,7 @@ pub struct Route {
     pub host: HostPattern,
     pub path: String,
     pub pool: Arc<Pool>,
+    pub identity: Option<IdentitySource>,
 }
 
 impl Route {
@@ -69,6 +70,7 @@ impl Snapshot {
                     host: r.host.clone(),
                     path: r.path.clone(),
                     pool: pools.get(&r.pool)?.clone(),
+                    identity: r.identity.clone(),
                 })
             })
             .collect();

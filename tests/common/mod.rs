@@ -53,7 +53,7 @@ impl Proxy {
         let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
         let listeners = Listeners::bind(&config).await.expect("bind");
         let addr = listeners.server[0].local_addr().expect("addr");
-        let gateway = Arc::new(Gateway::new(&config));
+        let gateway = Arc::new(Gateway::new(&config).expect("gateway"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let gateway = gateway.clone();

@@ -1,0 +1,557 @@
+//! Cluster state: what this instance shares with the others (its per-backend
+//! connection counts, its presence table, join/leave events) and what it learns
+//! from them (their counts, summed per backend, for the balancer).
+//!
+//! The [`Store`] trait has two implementations: [`RedisStore`], shared by every
+//! instance with the same cluster name, and [`MemoryStore`], a single instance
+//! with nothing to share. One task ([`Cluster::run`]) talks to the store; nothing on
+//! the upgrade path ever waits for it. Counts are gauges under per-instance keys with
+//! a TTL of three heartbeats, never shared INCR/DECR counters: a dead instance's
+//! share expires on its own.
+//!
+//! Redis keys, for a cluster named `NAME` and an instance `ID`:
+//!
+//! | key | type | TTL | holds |
+//! |---|---|---|---|
+//! | `NAME:instances` | sorted set | none | instance ids, scored by last heartbeat (ms); dead ones are removed by the others |
+//! | `NAME:instance:ID:alive` | string | 3 heartbeats | `1` while the instance lives |
+//! | `NAME:instance:ID:conns` | hash | 3 heartbeats | `POOL/BACKEND` → connections this instance holds |
+//! | `NAME:instance:ID:presence` | hash | 3 heartbeats | user → JSON array of [`PresenceEntry`] |
+//! | `NAME:presence` | pub/sub channel | | [`crate::presence::PresenceEvent`] JSON, one per join or leave |
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::broadcast;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::presence::{Presence, PresenceEntry, PresenceEvent, now_ms};
+use crate::state::State;
+
+/// Longest wait for one Redis call; Redis slower than this counts as down.
+const MAX_CALL_TIME: Duration = Duration::from_secs(2);
+/// First pause before reconnecting; doubles up to half a heartbeat.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("not connected to redis")]
+    NotConnected,
+    #[error("a presence record in redis is not valid JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ClusterError>> + Send + 'a>>;
+
+/// What one publish writes: this instance's state (all of it when `full`, else
+/// what changed) and the events since the last one.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Replace everything this instance had published (after a reconnect, or
+    /// when backends came or went).
+    pub full: bool,
+    /// `POOL/BACKEND` → connections: every backend, whenever any count changed.
+    pub counts: Vec<(String, u64)>,
+    /// User → entries; an empty list removes the user.
+    pub presence: Vec<(String, Vec<PresenceEntry>)>,
+    pub events: Vec<PresenceEvent>,
+}
+
+/// The other live instances' counts, summed per `POOL/BACKEND`.
+#[derive(Debug, Default)]
+pub struct Remote {
+    pub counts: HashMap<String, u64>,
+    /// Live instances, this one included.
+    pub instances: usize,
+}
+
+/// Where cluster state lives.
+pub trait Store: Send + Sync {
+    /// (Re)connects; called after start-up and after any failure.
+    fn connect(&self) -> StoreFuture<'_, ()>;
+    /// Writes this instance's state and refreshes its keys' TTL.
+    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, ()>;
+    /// Reads the other live instances' counts.
+    fn remote(&self) -> StoreFuture<'_, Remote>;
+    /// Every live instance's entries for `user`.
+    fn lookup<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<PresenceEntry>>;
+    /// Removes this instance's state (clean shutdown).
+    fn leave(&self) -> StoreFuture<'_, ()>;
+}
+
+/// One instance alone: its own table is the whole picture.
+pub struct MemoryStore {
+    presence: Arc<Presence>,
+}
+
+impl Store for MemoryStore {
+    fn connect(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn publish<'a>(&'a self, _update: &'a Update) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remote(&self) -> StoreFuture<'_, Remote> {
+        Box::pin(async {
+            Ok(Remote {
+                counts: HashMap::new(),
+                instances: 1,
+            })
+        })
+    }
+
+    fn lookup<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<PresenceEntry>> {
+        Box::pin(async move { Ok(self.presence.local(user)) })
+    }
+
+    fn leave(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Key names of one instance in one cluster.
+#[derive(Debug, Clone)]
+struct Keys {
+    instances: String,
+    channel: String,
+    prefix: String,
+}
+
+impl Keys {
+    fn new(cluster: &str) -> Keys {
+        Keys {
+            instances: format!("{cluster}:instances"),
+            channel: format!("{cluster}:presence"),
+            prefix: format!("{cluster}:instance:"),
+        }
+    }
+    fn alive(&self, id: &str) -> String {
+        format!("{}{id}:alive", self.prefix)
+    }
+    fn conns(&self, id: &str) -> String {
+        format!("{}{id}:conns", self.prefix)
+    }
+    fn presence(&self, id: &str) -> String {
+        format!("{}{id}:presence", self.prefix)
+    }
+}
+
+/// Cluster state in Redis, through one multiplexed connection that is replaced
+/// whenever a call fails.
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    keys: Keys,
+    instance: String,
+    ttl: Duration,
+    call_time: Duration,
+}
+
+impl RedisStore {
+    pub fn new(url: &str, config: &ClusterConfig) -> Result<RedisStore, ClusterError> {
+        Ok(RedisStore {
+            client: redis::Client::open(url)?,
+            conn: Mutex::new(None),
+            keys: Keys::new(&config.name),
+            instance: config.instance_id.clone(),
+            ttl: config.heartbeat * 3,
+            call_time: config.heartbeat.min(MAX_CALL_TIME),
+        })
+    }
+
+    fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(ClusterError::NotConnected)
+    }
+
+    /// Runs a pipeline within the call time limit.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, ClusterError> {
+        let mut conn = self.connection()?;
+        match timeout(self.call_time, pipe.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ClusterError::Timeout(self.call_time)),
+        }
+    }
+
+    async fn live_instances(&self) -> Result<Vec<String>, ClusterError> {
+        let mut pipe = redis::pipe();
+        pipe.zrange(&self.keys.instances, 0, -1);
+        let (ids,): (Vec<String>,) = self.query(&pipe).await?;
+        Ok(ids)
+    }
+}
+
+impl Store for RedisStore {
+    fn connect(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.call_time))
+                .set_response_timeout(Some(self.call_time));
+            let connecting = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config);
+            let conn = timeout(self.call_time * 2, connecting)
+                .await
+                .map_err(|_| ClusterError::Timeout(self.call_time * 2))??;
+            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let id = &self.instance;
+            let (conns, presence) = (self.keys.conns(id), self.keys.presence(id));
+            let ttl = self.ttl.as_millis() as i64;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if update.full {
+                pipe.del(&conns).ignore().del(&presence).ignore();
+            }
+            if !update.counts.is_empty() {
+                pipe.hset_multiple(&conns, &update.counts).ignore();
+            }
+            for (user, entries) in &update.presence {
+                if entries.is_empty() {
+                    pipe.hdel(&presence, user).ignore();
+                } else {
+                    pipe.hset(&presence, user, serde_json::to_string(entries)?)
+                        .ignore();
+                }
+            }
+            pipe.pexpire(&conns, ttl).ignore();
+            pipe.pexpire(&presence, ttl).ignore();
+            pipe.set_options(
+                self.keys.alive(id),
+                1,
+                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl as u64)),
+            )
+            .ignore();
+            pipe.zadd(&self.keys.instances, id, now_ms()).ignore();
+            for event in &update.events {
+                pipe.publish(&self.keys.channel, serde_json::to_string(event)?)
+                    .ignore();
+            }
+            self.query::<()>(&pipe).await
+        })
+    }
+
+    fn remote(&self) -> StoreFuture<'_, Remote> {
+        Box::pin(async move {
+            let ids = self.live_instances().await?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.exists(self.keys.alive(id));
+                pipe.hgetall(self.keys.conns(id));
+            }
+            let replies: Vec<redis::Value> = self.query(&pipe).await?;
+            let mut remote = Remote::default();
+            let mut dead = Vec::new();
+            for (id, pair) in ids.iter().zip(replies.chunks(2)) {
+                let [alive, counts] = pair else { continue };
+                let alive: bool = redis::from_redis_value_ref(alive).unwrap_or(false);
+                if !alive {
+                    dead.push(id.clone());
+                    continue;
+                }
+                remote.instances += 1;
+                if *id == self.instance {
+                    continue;
+                }
+                let counts: HashMap<String, u64> =
+                    redis::from_redis_value_ref(counts).unwrap_or_default();
+                for (field, n) in counts {
+                    *remote.counts.entry(field).or_default() += n;
+                }
+            }
+            if !dead.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.zrem(&self.keys.instances, &dead).ignore();
+                self.query::<()>(&pipe).await?;
+            }
+            Ok(remote)
+        })
+    }
+
+    fn lookup<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<PresenceEntry>> {
+        Box::pin(async move {
+            let ids = self.live_instances().await?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hget(self.keys.presence(id), user);
+            }
+            let found: Vec<Option<String>> = self.query(&pipe).await?;
+            let mut entries = Vec::new();
+            for json in found.into_iter().flatten() {
+                entries.extend(serde_json::from_str::<Vec<PresenceEntry>>(&json)?);
+            }
+            Ok(entries)
+        })
+    }
+
+    fn leave(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let id = &self.instance;
+            let mut pipe = redis::pipe();
+            pipe.del(&[
+                self.keys.alive(id),
+                self.keys.conns(id),
+                self.keys.presence(id),
+            ])
+            .ignore()
+            .zrem(&self.keys.instances, id)
+            .ignore();
+            self.query::<()>(&pipe).await
+        })
+    }
+}
+
+/// This instance's view of the cluster.
+pub struct Cluster {
+    config: ClusterConfig,
+    presence: Arc<Presence>,
+    store: Box<dyn Store>,
+    events: broadcast::Sender<PresenceEvent>,
+    /// Whether the store is reachable now (always, in memory).
+    up: AtomicBool,
+    /// Live instances at the last heartbeat, this one included.
+    instances: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(config: &ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let presence = Arc::new(Presence::default());
+        let (events, _) = broadcast::channel(1024);
+        let store: Box<dyn Store> = match &config.redis {
+            Some(url) => {
+                // rediss:// needs a process-wide rustls provider; a second install
+                // (another Gateway in the same process) is refused and harmless.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                Box::new(RedisStore::new(url, config)?)
+            }
+            None => Box::new(MemoryStore {
+                presence: presence.clone(),
+            }),
+        };
+        Ok(Arc::new(Cluster {
+            config: config.clone(),
+            presence,
+            store,
+            events,
+            up: AtomicBool::new(config.redis.is_none()),
+            instances: AtomicUsize::new(1),
+        }))
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.config.instance_id
+    }
+
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.presence
+    }
+
+    /// Whether the shared store is reachable (always true in memory).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn instances(&self) -> usize {
+        self.instances.load(Ordering::Relaxed)
+    }
+
+    /// Join/leave events of this instance, for in-process listeners, as they are
+    /// published (with Redis, every instance's are on the `NAME:presence` channel).
+    pub fn subscribe(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.events.subscribe()
+    }
+
+    /// Every connection of `user` on any live instance: O(instances) Redis
+    /// commands in one round trip after reading the instance list.
+    pub async fn lookup(&self, user: &str) -> Result<Vec<PresenceEntry>, ClusterError> {
+        self.store.lookup(user).await
+    }
+
+    /// Keeps this instance's state published and the others' counts read until
+    /// `stop`, then publishes what is left (the last leaves) and removes its keys.
+    /// Redis failures never end it: it logs the outage once, balances on local
+    /// counts, reconnects with backoff and republishes everything when back.
+    pub async fn run(self: Arc<Self>, state: Arc<State>, stop: CancellationToken) {
+        let heartbeat = self.config.heartbeat;
+        let mut flush = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(10)));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut sync = SyncState {
+            connected: false,
+            outage_logged: false,
+            retry_at: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            next_heartbeat: Instant::now(),
+            published: HashMap::new(),
+            full: true,
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = flush.tick() => {}
+                () = self.presence.changed.notified() => {}
+            }
+            self.step(&state, &mut sync).await;
+        }
+        if sync.connected {
+            sync.next_heartbeat = Instant::now() + heartbeat;
+            self.step(&state, &mut sync).await;
+            if let Err(e) = self.store.leave().await {
+                tracing::warn!(error = %e, "could not remove this instance's keys; they expire on their own");
+            }
+        }
+    }
+
+    async fn step(&self, state: &State, sync: &mut SyncState) {
+        let now = Instant::now();
+        if !sync.connected {
+            if now < sync.retry_at {
+                return;
+            }
+            match self.store.connect().await {
+                Ok(()) => {
+                    sync.connected = true;
+                    sync.full = true;
+                    sync.backoff = FIRST_BACKOFF;
+                    sync.next_heartbeat = now;
+                    if sync.outage_logged {
+                        tracing::info!("redis reachable again: republishing this instance's state");
+                        sync.outage_logged = false;
+                    }
+                }
+                Err(e) => return self.failed(state, sync, e),
+            }
+        }
+        let counts = local_counts(state);
+        if counts.keys().ne(sync.published.keys()) {
+            sync.full = true;
+        }
+        let heartbeat_due = now >= sync.next_heartbeat;
+        let update = if sync.full {
+            // The table's changes are covered by the snapshot; events still go out.
+            let changes = self.presence.take_changes();
+            Update {
+                full: true,
+                counts: counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                presence: self.presence.snapshot(),
+                events: changes.events,
+            }
+        } else {
+            let changes = self.presence.take_changes();
+            let counts_changed = counts != sync.published;
+            if !heartbeat_due && !counts_changed && changes.is_empty() {
+                return;
+            }
+            Update {
+                full: false,
+                counts: if counts_changed {
+                    counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+                } else {
+                    Vec::new()
+                },
+                presence: changes.users,
+                events: changes.events,
+            }
+        };
+        for event in &update.events {
+            // Having no in-process subscriber is normal.
+            let _ = self.events.send(event.clone());
+        }
+        if let Err(e) = self.store.publish(&update).await {
+            return self.failed(state, sync, e);
+        }
+        sync.published = counts;
+        sync.full = false;
+        self.up.store(true, Ordering::Relaxed);
+        if heartbeat_due {
+            sync.next_heartbeat = now + self.config.heartbeat;
+            match self.store.remote().await {
+                Ok(remote) => {
+                    apply_remote(state, &remote.counts);
+                    self.instances
+                        .store(remote.instances.max(1), Ordering::Relaxed);
+                }
+                Err(e) => self.failed(state, sync, e),
+            }
+        }
+    }
+
+    /// Redis went away: balance on local counts alone until it is back.
+    fn failed(&self, state: &State, sync: &mut SyncState, error: ClusterError) {
+        if !sync.outage_logged {
+            tracing::warn!(%error, "redis unavailable: balancing on this instance's counts until it is back");
+            sync.outage_logged = true;
+        }
+        sync.connected = false;
+        self.up.store(false, Ordering::Relaxed);
+        self.instances.store(1, Ordering::Relaxed);
+        apply_remote(state, &HashMap::new());
+        sync.retry_at = Instant::now() + sync.backoff;
+        sync.backoff = (sync.backoff * 2).min(self.config.heartbeat / 2);
+    }
+}
+
+/// The sync loop's own state.
+struct SyncState {
+    connected: bool,
+    outage_logged: bool,
+    retry_at: Instant,
+    backoff: Duration,
+    next_heartbeat: Instant,
+    /// Counts as last written.
+    published: HashMap<String, u64>,
+    /// Write everything on the next step.
+    full: bool,
+}
+
+/// The field a backend's count is published under.
+pub fn count_field(pool: &str, backend: &str) -> String {
+    format!("{pool}/{backend}")
+}
+
+fn local_counts(state: &State) -> HashMap<String, u64> {
+    let snapshot = state.load();
+    let mut counts = HashMap::new();
+    for pool in snapshot.pools.values() {
+        for backend in &pool.backends {
+            counts.insert(
+                count_field(&pool.name, &backend.addr.to_string()),
+                backend.active(),
+            );
+        }
+    }
+    counts
+}
+
+fn apply_remote(state: &State, remote: &HashMap<String, u64>) {
+    let snapshot = state.load();
+    for pool in snapshot.pools.values() {
+        for backend in &pool.backends {
+            let field = count_field(&pool.name, &backend.addr.to_string());
+            backend.set_remote(remote.get(&field).copied().unwrap_or(0));
+        }
+    }
+}

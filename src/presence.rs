@@ -1,0 +1,332 @@
+//! Presence: which user is connected through which instance to which backend.
+//!
+//! Each route may name where a connection's identity comes from (`query:NAME`,
+//! `header:NAME`, `cookie:NAME`). Connections with an identity are kept in this
+//! instance's table while they last ([`PresenceGuard`] removes them in `Drop`), and
+//! each join and leave becomes an event. The cluster task publishes both.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::Request;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::IdentitySource;
+
+/// Longest identity accepted; a longer one is a 400.
+pub const MAX_IDENTITY: usize = 256;
+
+/// Events kept while they cannot be published (Redis down); older ones are dropped.
+const MAX_QUEUED_EVENTS: usize = 10_000;
+
+/// One connection of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub user: String,
+    pub instance: String,
+    pub pool: String,
+    pub backend: String,
+    /// Connection id, unique within its instance.
+    pub conn: u64,
+    /// When the connection opened, in milliseconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// A join or leave, as published on the presence channel:
+/// `{"type":"join","user":"ada","instance":"a","pool":"chat","backend":"10.0.0.1:9000","conn":7,"since":1764400000000,"at":1764400000000}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    #[serde(flatten)]
+    pub entry: PresenceEntry,
+    /// When it happened, in milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Join,
+    Leave,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads the identity `source` names from an upgrade request. `Ok(None)` when the
+/// request carries none; `Err` when it is longer than [`MAX_IDENTITY`].
+pub fn identity<B>(
+    source: &IdentitySource,
+    req: &Request<B>,
+) -> Result<Option<String>, &'static str> {
+    let found = match source {
+        IdentitySource::Query(name) => req.uri().query().and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(k) == *name).then(|| percent_decode(v))
+            })
+        }),
+        IdentitySource::Header(name) => req
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string()),
+        IdentitySource::Cookie(name) => req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_string())
+            }),
+    };
+    match found {
+        Some(id) if id.len() > MAX_IDENTITY => {
+            Err("the presence identity is longer than 256 bytes")
+        }
+        Some(id) if id.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+/// `%XX` and `+` decoding of one query component; invalid escapes stay as they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// This instance's presence table and the changes not yet published.
+#[derive(Debug, Default)]
+pub struct Presence {
+    table: Mutex<Table>,
+    /// Wakes the cluster task when something changed.
+    pub changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    users: HashMap<String, Vec<PresenceEntry>>,
+    /// Users whose entries changed since the last publish.
+    dirty: HashSet<String>,
+    events: VecDeque<PresenceEvent>,
+}
+
+/// What changed since the last call: each dirty user with its entries now (empty:
+/// gone), and the events in order.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub users: Vec<(String, Vec<PresenceEntry>)>,
+    pub events: Vec<PresenceEvent>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.events.is_empty()
+    }
+}
+
+impl Presence {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding this lock leaves the table consistent (every
+        // mutation is a single push or remove), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a connection; the guard removes it when dropped.
+    pub fn join(self: &Arc<Self>, entry: PresenceEntry) -> PresenceGuard {
+        let guard = PresenceGuard {
+            presence: self.clone(),
+            user: entry.user.clone(),
+            conn: entry.conn,
+        };
+        {
+            let mut table = self.lock();
+            table.dirty.insert(entry.user.clone());
+            push_event(&mut table, EventKind::Join, entry.clone());
+            table
+                .users
+                .entry(entry.user.clone())
+                .or_default()
+                .push(entry);
+        }
+        self.changed.notify_one();
+        guard
+    }
+
+    fn leave(&self, user: &str, conn: u64) {
+        {
+            let mut table = self.lock();
+            let Some(entries) = table.users.get_mut(user) else {
+                return;
+            };
+            let Some(at) = entries.iter().position(|e| e.conn == conn) else {
+                return;
+            };
+            let entry = entries.swap_remove(at);
+            if entries.is_empty() {
+                table.users.remove(user);
+            }
+            table.dirty.insert(user.to_string());
+            push_event(&mut table, EventKind::Leave, entry);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Takes what changed since the last call.
+    pub fn take_changes(&self) -> Changes {
+        let mut table = self.lock();
+        let dirty: Vec<String> = table.dirty.drain().collect();
+        let users = dirty
+            .into_iter()
+            .map(|u| {
+                let entries = table.users.get(&u).cloned().unwrap_or_default();
+                (u, entries)
+            })
+            .collect();
+        Changes {
+            users,
+            events: table.events.drain(..).collect(),
+        }
+    }
+
+    /// Every user with entries, for a full republish; clears the dirty set.
+    pub fn snapshot(&self) -> Vec<(String, Vec<PresenceEntry>)> {
+        let mut table = self.lock();
+        table.dirty.clear();
+        table
+            .users
+            .iter()
+            .map(|(u, e)| (u.clone(), e.clone()))
+            .collect()
+    }
+
+    /// This instance's entries for `user`.
+    pub fn local(&self, user: &str) -> Vec<PresenceEntry> {
+        self.lock().users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Users and connections in this instance's table.
+    pub fn totals(&self) -> (usize, usize) {
+        let table = self.lock();
+        (table.users.len(), table.users.values().map(Vec::len).sum())
+    }
+}
+
+fn push_event(table: &mut Table, kind: EventKind, entry: PresenceEntry) {
+    if table.events.len() >= MAX_QUEUED_EVENTS {
+        table.events.pop_front();
+    }
+    table.events.push_back(PresenceEvent {
+        kind,
+        entry,
+        at: now_ms(),
+    });
+}
+
+/// Holds one connection's presence entry; dropping it records the leave.
+#[derive(Debug)]
+pub struct PresenceGuard {
+    presence: Arc<Presence>,
+    user: String,
+    conn: u64,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        self.presence.leave(&self.user, self.conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn reads_identity_from_each_source() {
+        let r = req(
+            "/ws?room=1&user=ada%20l%2B&x",
+            &[("x-user", " bob "), ("cookie", "a=1; sid=\"carol\"")],
+        );
+        let q = IdentitySource::parse("query:user").unwrap();
+        let h = IdentitySource::parse("header:x-user").unwrap();
+        let c = IdentitySource::parse("cookie:sid").unwrap();
+        assert_eq!(identity(&q, &r), Ok(Some("ada l+".to_string())));
+        assert_eq!(identity(&h, &r), Ok(Some("bob".to_string())));
+        assert_eq!(identity(&c, &r), Ok(Some("carol".to_string())));
+        let none = req("/ws?user=", &[]);
+        assert_eq!(identity(&q, &none), Ok(None));
+        let long = req(&format!("/ws?user={}", "x".repeat(300)), &[]);
+        assert!(identity(&q, &long).is_err());
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn joins_and_leaves_become_changes_and_events() {
+        let presence = Arc::new(Presence::default());
+        let entry = |conn| PresenceEntry {
+            user: "ada".into(),
+            instance: "i".into(),
+            pool: "p".into(),
+            backend: "b".into(),
+            conn,
+            since: 1,
+        };
+        let one = presence.join(entry(1));
+        let two = presence.join(entry(2));
+        assert_eq!(presence.local("ada").len(), 2);
+        let changes = presence.take_changes();
+        assert_eq!(
+            changes.users,
+            vec![("ada".to_string(), vec![entry(1), entry(2)])]
+        );
+        assert_eq!(changes.events.len(), 2);
+        drop(one);
+        drop(two);
+        let changes = presence.take_changes();
+        assert_eq!(changes.users, vec![("ada".to_string(), vec![])]);
+        let kinds: Vec<_> = changes.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![EventKind::Leave, EventKind::Leave]);
+        assert_eq!(presence.totals(), (0, 0));
+        let json = serde_json::to_string(&changes.events[0]).unwrap();
+        assert!(
+            json.starts_with("{\"type\":\"leave\",\"user\":\"ada\""),
+            "{json}"
+        );
+    }
+}
