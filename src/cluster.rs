@@ -391,7 +391,9 @@ impl Cluster {
         self.store.lookup(user).await
     }
 
-    /// Keeps this instance's state published and the others' counts read until
+    /// Every quarter heartbeat, publishes what changed (counts, presence, events) in
+    /// one pipeline: a batch, however many connections came and went. Keeps this
+    /// instance's state published and the others' counts read until
     /// `stop`, then publishes what is left (the last leaves) and removes its keys.
     /// Redis failures never end it: it logs the outage once, balances on local
     /// counts, reconnects with backoff and republishes everything when back.
@@ -412,7 +414,6 @@ impl Cluster {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = flush.tick() => {}
-                () = self.presence.changed.notified() => {}
             }
             self.step(&state, &mut sync).await;
         }

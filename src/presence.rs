@@ -11,7 +11,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::Request;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::config::IdentitySource;
 
@@ -126,8 +125,6 @@ fn percent_decode(text: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Presence {
     table: Mutex<Table>,
-    /// Wakes the cluster task when something changed.
-    pub changed: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -176,7 +173,6 @@ impl Presence {
                 .or_default()
                 .push(entry);
         }
-        self.changed.notify_one();
         guard
     }
 
@@ -196,7 +192,6 @@ impl Presence {
             table.dirty.insert(user.to_string());
             push_event(&mut table, EventKind::Leave, entry);
         }
-        self.changed.notify_one();
     }
 
     /// Takes what changed since the last call.

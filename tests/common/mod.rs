@@ -77,6 +77,20 @@ impl Proxy {
             .collect()
     }
 
+    /// The other instances' counts for each backend of `pool`, as last read.
+    pub fn remote(&self, pool: &str) -> Vec<u64> {
+        self.gateway.state().load().pools[pool]
+            .backends
+            .iter()
+            .map(|b| b.remote())
+            .collect()
+    }
+
+    pub async fn wait_remote(&self, pool: &str, expected: &[u64], limit: Duration) {
+        let what = format!("remote counts of pool {pool} to be {expected:?}");
+        wait_for(&what, limit, || self.remote(pool) == expected).await;
+    }
+
     pub async fn wait_counts(&self, pool: &str, expected: &[u64]) {
         let what = format!("counts of pool {pool} to be {expected:?}");
         wait_for(&what, Duration::from_secs(5), || {
@@ -416,3 +430,200 @@ pub async fn read_exact(tcp: &mut TcpStream, n: usize) -> Vec<u8> {
 /// One WebSocket frame, masked (client to server) when `mask` is given.
 #[allow(unused_imports)]
 pub use wsgate::frame::encode as frame;
+
+/// A `redis-server` of the test's own on a free loopback port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-redis-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        // A port freed just now may be taken again before redis binds it: retry.
+        for _ in 0..5 {
+            let port = dead_addr().await.port();
+            let mut server = RedisServer {
+                port,
+                child: None,
+                dir: dir.clone(),
+            };
+            server.spawn();
+            if server.ready(Duration::from_secs(5)).await {
+                return server;
+            }
+        }
+        panic!("redis-server did not start; ./scripts/test installs it when missing");
+    }
+
+    fn spawn(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); ./scripts/test installs it when missing")
+            });
+        self.child = Some(child);
+    }
+
+    /// Polls PING until it answers or `limit` passes.
+    async fn ready(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                return false;
+            }
+            if let Ok(mut conn) = self.try_conn().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        client.get_multiplexed_async_connection().await
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.try_conn().await.expect("connect to the test redis")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill redis");
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        assert!(
+            self.ready(Duration::from_secs(5)).await,
+            "redis-server did not restart"
+        );
+    }
+
+    pub async fn exists(&self, key: &str) -> bool {
+        let mut conn = self.conn().await;
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<bool>(&mut conn)
+            .await
+            .expect("EXISTS")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `wsgate` binary as a child process, for tests that must kill it.
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl ProxyProcess {
+    /// Runs `wsgate run` on a config text (its `[server] listen` is port 0) and
+    /// waits, by reading its log, until it listens.
+    pub async fn start(config: &str) -> ProxyProcess {
+        use tokio::io::AsyncBufReadExt;
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-proc-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}"),
+        )
+        .expect("config");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wsgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let addr = timeout(Duration::from_secs(10), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read log")
+                    .expect("wsgate exited early");
+                if line.contains("listening")
+                    && let Some(rest) = line.split("addr=").nth(1)
+                {
+                    let addr = rest.split_whitespace().next().unwrap_or("");
+                    return addr.parse::<SocketAddr>().expect("listen address in log");
+                }
+            }
+        })
+        .await
+        .expect("wsgate listens within 10 s");
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ProxyProcess { addr, child, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// `kill -9`.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.expect("kill wsgate");
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `[cluster]` for a test instance.
+pub fn cluster(redis: &str, instance: &str, heartbeat: &str) -> String {
+    format!(
+        "[cluster]\nredis = \"{redis}\"\nname = \"t\"\ninstance_id = \"{instance}\"\nheartbeat = \"{heartbeat}\"\n"
+    )
+}

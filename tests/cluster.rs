@@ -1,0 +1,282 @@
+//! Several instances balancing as one through a real redis-server: shared counts,
+//! a killed instance's share vanishing on its own, a Redis outage, presence.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn three_backends() -> Vec<EchoBackend> {
+    vec![
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+    ]
+}
+
+fn routes_and_pool(backends: &[EchoBackend]) -> String {
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    format!(
+        "[[route]]\npath = \"/ws\"\npool = \"p\"\nidentity = \"query:user\"\n{}",
+        pool("p", &list, "")
+    )
+}
+
+async fn open(url: impl Fn(usize) -> String, ids: std::ops::Range<usize>) -> Vec<(usize, Ws)> {
+    let mut out = Vec::new();
+    for i in ids {
+        out.push((i, connect(&url(i)).await));
+    }
+    out
+}
+
+/// Closes, cleanly, the clients that are not on `backend`; returns the others.
+async fn keep_only_on(backend: &EchoBackend, clients: Vec<(usize, Ws)>) -> Vec<(usize, Ws)> {
+    let (kept, closing): (Vec<_>, Vec<_>) = clients
+        .into_iter()
+        .partition(|(i, _)| backend.has_target(&format!("/ws?user=u{i}")));
+    for (_, mut ws) in closing {
+        ws.close(None).await.expect("close");
+        close_code(&mut ws, Duration::from_secs(5)).await;
+    }
+    kept
+}
+
+#[tokio::test]
+async fn two_instances_balance_as_one_and_a_third_sees_the_same_totals() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let a = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "a", "200ms"))).await;
+    let b = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "b", "200ms"))).await;
+
+    let through_a = open(|i| a.url(&format!("/ws?user=u{i}")), 0..150).await;
+    assert_eq!(a.counts("p"), vec![50, 50, 50]);
+    let _kept_a = keep_only_on(&backends[0], through_a).await;
+    a.wait_counts("p", &[50, 0, 0]).await;
+    b.wait_remote("p", &[50, 0, 0], Duration::from_secs(5))
+        .await;
+
+    let _through_b = open(|i| b.url(&format!("/ws?user=u{i}")), 1000..1100).await;
+    assert_eq!(
+        b.counts("p"),
+        vec![0, 50, 50],
+        "B must fill the backends A left empty"
+    );
+    let cluster_wide: Vec<u64> = b
+        .counts("p")
+        .iter()
+        .zip(b.remote("p"))
+        .map(|(l, r)| l + r)
+        .collect();
+    assert!(
+        cluster_wide.iter().all(|n| n.abs_diff(50) <= 2),
+        "{cluster_wide:?}"
+    );
+
+    // A third instance joining later sees the same totals.
+    let c = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "c", "200ms"))).await;
+    c.wait_remote("p", &[50, 50, 50], Duration::from_secs(5))
+        .await;
+    assert_eq!(c.gateway.cluster().instances(), 3);
+
+    // The contrast: an instance without the cluster spreads its own 100 evenly,
+    // blind to the 50 already on backend 0.
+    let alone = Proxy::start(&base).await;
+    let _through_alone = open(|i| alone.url(&format!("/ws?user=x{i}")), 0..100).await;
+    let spread = alone.counts("p");
+    assert!(spread.iter().all(|n| n.abs_diff(33) <= 1), "{spread:?}");
+}
+
+#[tokio::test]
+async fn a_killed_instance_share_vanishes_within_three_heartbeats() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let mut a =
+        ProxyProcess::start(&format!("{base}{}", cluster(&redis.url(), "a", "300ms"))).await;
+    let b = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "b", "300ms"))).await;
+
+    // A holds 10 on backend 0 and none elsewhere; B fills the other two.
+    let through_a = open(|i| a.url(&format!("/ws?user=u{i}")), 0..30).await;
+    let kept_a = keep_only_on(&backends[0], through_a).await;
+    assert_eq!(kept_a.len(), 10);
+    b.wait_remote("p", &[10, 0, 0], Duration::from_secs(5))
+        .await;
+    let _through_b = open(|i| b.url(&format!("/ws?user=u{i}")), 100..120).await;
+    assert_eq!(b.counts("p"), vec![0, 10, 10]);
+    for key in [
+        "t:instance:a:conns",
+        "t:instance:a:presence",
+        "t:instance:a:alive",
+    ] {
+        assert!(redis.exists(key).await, "{key} before the kill");
+    }
+
+    a.kill9().await;
+    let killed = Instant::now();
+    let mut gone_after = None;
+    for _ in 0..200 {
+        let mut any = false;
+        for key in [
+            "t:instance:a:conns",
+            "t:instance:a:presence",
+            "t:instance:a:alive",
+        ] {
+            any |= redis.exists(key).await;
+        }
+        if !any {
+            gone_after = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone_after = gone_after.expect("A's keys never expired");
+    assert!(
+        gone_after <= Duration::from_millis(900 + 150),
+        "gone after {gone_after:?}"
+    );
+
+    // B stops counting A's share and sends new connections where A's were.
+    b.wait_remote("p", &[0, 0, 0], Duration::from_secs(2)).await;
+    let _more = open(|i| b.url(&format!("/ws?user=u{i}")), 200..210).await;
+    assert_eq!(b.counts("p"), vec![10, 10, 10]);
+    assert_eq!(
+        b.gateway.cluster().lookup("u0").await.expect("lookup"),
+        vec![]
+    );
+}
+
+#[tokio::test]
+async fn a_redis_outage_drops_nothing_and_state_returns_with_redis() {
+    let mut redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let heartbeat = Duration::from_millis(500);
+    let a = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "a", "500ms"))).await;
+    let mut clients = open(|i| a.url(&format!("/ws?user=u{i}")), 0..100).await;
+    wait_for("A to publish", Duration::from_secs(5), || {
+        a.gateway.cluster().is_up()
+    })
+    .await;
+
+    redis.kill().await;
+    // Every connection keeps working, and new ones are balanced on local counts.
+    for (i, ws) in clients.iter_mut() {
+        ws.send(Message::text(format!("m{i}"))).await.expect("send");
+        assert_eq!(next(ws).await, Message::text(format!("m{i}")));
+    }
+    let more = open(|i| a.url(&format!("/ws?user=u{i}")), 100..130).await;
+    let counts = a.counts("p");
+    assert_eq!(counts.iter().sum::<u64>(), 130);
+    assert!(counts.iter().all(|n| n.abs_diff(43) <= 1), "{counts:?}");
+    wait_for("A to notice the outage", Duration::from_secs(5), || {
+        !a.gateway.cluster().is_up()
+    })
+    .await;
+
+    redis.restart().await;
+    let restarted = Instant::now();
+    let mut conn = redis.conn().await;
+    let mut back_after = None;
+    for _ in 0..300 {
+        let conns: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg("t:instance:a:conns")
+            .query_async(&mut conn)
+            .await
+            .expect("HGETALL");
+        let users: u64 = redis::cmd("HLEN")
+            .arg("t:instance:a:presence")
+            .query_async(&mut conn)
+            .await
+            .expect("HLEN");
+        if conns.values().sum::<u64>() == 130 && users == 130 {
+            back_after = Some(restarted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let back_after = back_after.expect("counts and presence never came back");
+    assert!(back_after <= heartbeat * 2, "back after {back_after:?}");
+    drop(more);
+}
+
+#[tokio::test]
+async fn presence_is_found_from_another_instance_with_join_and_leave_events() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let a = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "a", "200ms"))).await;
+    let b = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "b", "200ms"))).await;
+
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("t:presence").await.expect("subscribe");
+    let mut events = pubsub.into_on_message();
+    let mut next_event = async || -> serde_json::Value {
+        let msg = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event in time")
+            .expect("channel open");
+        serde_json::from_str(&msg.get_payload::<String>().expect("text")).expect("json")
+    };
+
+    let mut ada = connect(&a.url("/ws?user=ada")).await;
+    let join = next_event().await;
+    assert_eq!(join["type"], "join");
+    assert_eq!(join["user"], "ada");
+    assert_eq!(join["instance"], "a");
+
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = b.gateway.cluster().lookup("ada").await.expect("lookup");
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].instance, "a");
+    assert_eq!(found[0].pool, "p");
+    let on = backends
+        .iter()
+        .position(|be| be.has_target("/ws?user=ada"))
+        .expect("on a backend");
+    assert_eq!(found[0].backend, backends[on].addr.to_string());
+    assert_eq!(join["backend"], found[0].backend);
+
+    ada.close(None).await.expect("close");
+    close_code(&mut ada, Duration::from_secs(5)).await;
+    drop(ada);
+    let leave = next_event().await;
+    assert_eq!(leave["type"], "leave");
+    assert_eq!(leave["user"], "ada");
+    assert_eq!(leave["conn"], join["conn"]);
+
+    // Two connections of one user are two entries, on whichever instances.
+    let _bob1 = connect(&a.url("/ws?user=bob")).await;
+    let _bob2 = connect(&b.url("/ws?user=bob")).await;
+    let mut entries = Vec::new();
+    for _ in 0..100 {
+        entries = a.gateway.cluster().lookup("bob").await.expect("lookup");
+        if entries.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut instances: Vec<_> = entries.iter().map(|e| e.instance.as_str()).collect();
+    instances.sort();
+    assert_eq!(instances, vec!["a", "b"]);
+    assert!(
+        b.gateway
+            .cluster()
+            .lookup("ada")
+            .await
+            .expect("lookup")
+            .is_empty()
+    );
+}
