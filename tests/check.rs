@@ -71,3 +71,39 @@ fn a_missing_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// The commented-out `[cluster]` example in proxy.toml, once uncommented, is valid
+/// and means what it says.
+#[test]
+fn the_documented_cluster_table_is_valid_when_uncommented() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let text = std::fs::read_to_string(&path).expect("proxy.toml");
+    let mut in_cluster = false;
+    let uncommented: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if line == "# [cluster]" {
+                in_cluster = true;
+                return "[cluster]".to_string();
+            }
+            let is_key = line
+                .strip_prefix("# ")
+                .and_then(|rest| rest.split_once(" = "))
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            if in_cluster && is_key {
+                line[2..].to_string()
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let config = wsgate::Config::parse(&uncommented.join("\n"), "proxy.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.cluster.redis.as_deref(),
+        Some("redis://127.0.0.1:6379")
+    );
+    assert_eq!(config.cluster.name, "wsgate");
+    assert_eq!(config.cluster.instance_id, "edge-1");
+    assert_eq!(config.cluster.heartbeat, std::time::Duration::from_secs(1));
+}
