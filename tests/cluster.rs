@@ -280,3 +280,51 @@ async fn presence_is_found_from_another_instance_with_join_and_leave_events() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn redis_down_at_start_or_stalled_never_stalls_upgrades() {
+    let mut redis = RedisServer::start().await;
+    redis.kill().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let a = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "a", "300ms"))).await;
+
+    // Down at start: upgrades work on local counts.
+    let _first = open(|i| a.url(&format!("/ws?user=u{i}")), 0..30).await;
+    assert_eq!(a.counts("p"), vec![10, 10, 10]);
+    assert!(!a.gateway.cluster().is_up());
+
+    // Redis appears: the state is published.
+    redis.restart().await;
+    wait_for("A to reach redis", Duration::from_secs(3), || {
+        a.gateway.cluster().is_up()
+    })
+    .await;
+    let mut conn = redis.conn().await;
+    let mut published = 0u64;
+    for _ in 0..100 {
+        let counts: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg("t:instance:a:conns")
+            .query_async(&mut conn)
+            .await
+            .expect("HGETALL");
+        published = counts.values().sum();
+        if published == 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(published, 30);
+
+    // Redis stalls (accepts, never answers): each upgrade still completes at once.
+    redis.pause(true);
+    let started = Instant::now();
+    let _second = open(|i| a.url(&format!("/ws?user=u{i}")), 100..130).await;
+    let took = started.elapsed();
+    redis.pause(false);
+    assert_eq!(a.counts("p"), vec![20, 20, 20]);
+    assert!(
+        took < Duration::from_secs(2),
+        "30 upgrades took {took:?} with Redis stalled"
+    );
+}

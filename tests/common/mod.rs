@@ -519,6 +519,17 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP when `pause`, else SIGCONT: a stopped Redis accepts but never answers.
+    pub fn pause(&self, pause: bool) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        let signal = if pause { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Starts again on the same port, empty.
     pub async fn restart(&mut self) {
         self.spawn();
