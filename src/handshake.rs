@@ -173,14 +173,24 @@ fn strip_port(authority: &str) -> &str {
     authority.split(':').next().unwrap_or(authority)
 }
 
+/// Carries the presence identity wsgate read from the request (route `identity`)
+/// to the backend. A client's own value is always removed: backends can trust it.
+pub const USER_HEADER: &str = "x-wsgate-user";
+
 /// The upgrade request sent to the backend: same path, query and end-to-end
-/// headers (subprotocols, extensions, cookies...), plus X-Forwarded-*.
+/// headers (subprotocols, extensions, cookies...), plus X-Forwarded-* and, when the
+/// route has an identity, X-Wsgate-User.
 pub fn backend_request<B>(
     req: &Request<B>,
     peer: SocketAddr,
     proto: &'static str,
+    user: Option<&str>,
 ) -> Request<Empty<Bytes>> {
     let mut headers = end_to_end(req.headers());
+    headers.remove(USER_HEADER);
+    if let Some(v) = user.and_then(|u| HeaderValue::from_str(u).ok()) {
+        headers.insert(HeaderName::from_static(USER_HEADER), v);
+    }
     set_upgrade(&mut headers);
     let xff = header::HeaderName::from_static("x-forwarded-for");
     let peer_ip = peer.ip().to_string();
@@ -289,9 +299,10 @@ mod tests {
             .header("cookie", "a=1")
             .header("keep-alive", "timeout=5")
             .header("x-forwarded-for", "10.1.1.1")
+            .header("x-wsgate-user", "spoofed")
             .body(())
             .unwrap();
-        let out = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http");
+        let out = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http", Some("ada"));
         let h = out.headers();
         assert_eq!(out.uri(), "/chat?room=1");
         assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
@@ -304,5 +315,8 @@ mod tests {
         assert_eq!(h["connection"], "Upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert!(h.get("keep-alive").is_none());
+        assert_eq!(h["x-wsgate-user"], "ada");
+        let anonymous = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http", None);
+        assert!(anonymous.headers().get("x-wsgate-user").is_none());
     }
 }

@@ -165,7 +165,7 @@ async fn proxy(
         backend = tracing::field::Empty,
     );
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let request = handshake::backend_request(&req, peer, "http");
+    let request = handshake::backend_request(&req, peer, "http", user.as_deref());
     let mut rng = fastrand::Rng::new();
     let answer = upstream::open(&pool, request, &mut rng)
         .instrument(span.clone())
