@@ -12,7 +12,9 @@
 //! | [`frame`] | the frame walker the tunnel runs in each direction |
 //! | [`cluster`] | state shared with other instances: Redis or in memory |
 //! | [`presence`] | identities, presence records and join/leave events |
+//! | [`backend`] | the reference relay backend, its pub/sub brokers and the demo |
 
+pub mod backend;
 pub mod balancer;
 pub mod cluster;
 pub mod config;
@@ -60,6 +62,8 @@ impl Listeners {
 pub struct Gateway {
     state: Arc<State>,
     cluster: Arc<Cluster>,
+    /// Served to a plain `GET /` (the demo's chat page).
+    page: Option<&'static str>,
 }
 
 impl Gateway {
@@ -67,7 +71,14 @@ impl Gateway {
         Ok(Gateway {
             state: Arc::new(State::new(config)),
             cluster: Cluster::new(&config.cluster)?,
+            page: None,
         })
+    }
+
+    /// Serves `html` to a plain `GET /` (not an upgrade) before routing.
+    pub fn with_page(mut self, html: &'static str) -> Gateway {
+        self.page = Some(html);
+        self
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -92,6 +103,7 @@ impl Gateway {
         let shared = server::Shared {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
+            page: self.page,
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             permits: Arc::new(Semaphore::new(max_connections)),

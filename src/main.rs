@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use wsgate::backend::broker::{Broker, MemoryHub, RedisBroker};
+use wsgate::backend::demo::DemoOptions;
+use wsgate::backend::{Options, RelayBackend};
 use wsgate::{Config, Gateway, Listeners};
 
 #[derive(Parser)]
@@ -29,30 +32,154 @@ enum Command {
     Run,
     /// Validate the configuration and exit: every error with file:line:col.
     Check,
+    /// Run the reference relay backend: rooms at /rooms/NAME relayed over pub/sub.
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: std::net::SocketAddr,
+        /// Relay through Redis (redis://host:port); without it, in memory (this
+        /// process only).
+        #[arg(long)]
+        redis: Option<String>,
+        /// This backend's name (default: backend-PORT).
+        #[arg(long)]
+        id: Option<String>,
+        /// Do not send senders their own messages.
+        #[arg(long)]
+        no_echo: bool,
+        /// Messages queued per client before it is closed (1008) as too slow.
+        #[arg(long, default_value_t = 4096)]
+        queue: usize,
+    },
+    /// Run the whole picture on one machine: the proxy, 3 relay backends and a chat
+    /// page to try in a browser.
+    Demo {
+        /// Relay through Redis instead of in memory.
+        #[arg(long)]
+        redis: Option<String>,
+        /// The proxy's port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&cli.config),
-        Command::Run => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            match run(cli.config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("wsgate: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Check = command {
+        return check(&cli.config);
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let result = match command {
+        Command::Check => unreachable!("handled above"),
+        Command::Run => run(cli.config),
+        Command::Backend {
+            listen,
+            redis,
+            id,
+            no_echo,
+            queue,
+        } => {
+            let id = id.unwrap_or_else(|| format!("backend-{}", listen.port()));
+            let options = Options {
+                id,
+                echo: !no_echo,
+                queue: queue.max(1),
+            };
+            runtime().and_then(|rt| rt.block_on(backend(listen, redis, options)))
+        }
+        Command::Demo { redis, port } => {
+            let options = DemoOptions {
+                port,
+                redis,
+                backends: 3,
+            };
+            runtime().and_then(|rt| rt.block_on(demo(options)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// Cancels the token on SIGINT/SIGTERM (a second one exits at once).
+fn stop_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        for _ in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if shutdown.is_cancelled() {
+                std::process::exit(130);
+            }
+            shutdown.cancel();
+        }
+    });
+}
+
+async fn backend(
+    listen: std::net::SocketAddr,
+    redis: Option<String>,
+    options: Options,
+) -> anyhow::Result<()> {
+    let (broker, deliveries): (Box<dyn Broker>, _) = match &redis {
+        Some(url) => {
+            let (b, rx) = RedisBroker::connect(url)
+                .await
+                .context("connecting to redis")?;
+            (Box::new(b), rx)
+        }
+        None => {
+            let (b, rx) = MemoryHub::default().broker();
+            (Box::new(b), rx)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone());
+    RelayBackend::new(options, broker, deliveries)
+        .serve(listener, shutdown)
+        .await;
+    Ok(())
+}
+
+async fn demo(options: DemoOptions) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone());
+    let demo = wsgate::backend::demo::start(&options, shutdown)
+        .await
+        .with_context(|| format!("starting the demo on 127.0.0.1:{}", options.port))?;
+    println!("{}", demo.banner());
+    demo.done.await.context("the demo proxy failed")?;
+    Ok(())
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -85,11 +212,7 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let listeners = Listeners::bind(&config).await?;
         let gateway = Gateway::new(&config)?;
         let shutdown = CancellationToken::new();

@@ -33,6 +33,7 @@ use crate::upstream::{self, Answer};
 pub struct Shared {
     pub state: Arc<State>,
     pub cluster: Arc<Cluster>,
+    pub page: Option<&'static str>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
     /// One permit per client connection, held from accept to the end of its tunnel.
@@ -138,6 +139,17 @@ async fn proxy(
     shared: Shared,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<Full<Bytes>> {
+    if let Some(html) = shared.page
+        && req.uri().path() == "/"
+        && !req.headers().contains_key(http::header::UPGRADE)
+    {
+        let mut page = Response::new(Full::new(Bytes::from_static(html.as_bytes())));
+        page.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        return page;
+    }
     let snapshot = shared.state.load();
     let Some(route) = snapshot.route(handshake::request_host(&req), req.uri().path()) else {
         tracing::debug!(%peer, path = req.uri().path(), "no route");

@@ -1,0 +1,121 @@
+//! `wsgate demo`: the whole picture in one process. A proxy with a pool of relay
+//! backends that talk through one broker (in memory, or Redis), and a chat page at
+//! `/` on the proxy to try it in a browser.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{Broker, BrokerError, MemoryHub, RedisBroker};
+use super::{Options, RelayBackend};
+use crate::{Config, Gateway, Listeners};
+
+/// The chat page, embedded: no build step, no files next to the binary.
+pub const PAGE: &str = include_str!("page.html");
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The proxy's port on 127.0.0.1 (0: any free port).
+    pub port: u16,
+    /// Relay through Redis instead of in memory.
+    pub redis: Option<String>,
+    pub backends: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error("pub/sub: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("demo configuration: {0}")]
+    Config(#[from] crate::ConfigError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+}
+
+/// A running demo.
+pub struct Demo {
+    pub proxy: SocketAddr,
+    pub backends: Vec<(RelayBackend, SocketAddr)>,
+    pub gateway: Arc<Gateway>,
+    pub pubsub: String,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+impl Demo {
+    /// What to open and where to connect, for people.
+    pub fn banner(&self) -> String {
+        let backends: Vec<String> = self
+            .backends
+            .iter()
+            .map(|(b, addr)| format!("{} on {addr}", b.id()))
+            .collect();
+        format!(
+            "wsgate demo is running\n\
+             \n  chat page    http://{proxy}/   (open it in two tabs: they land on different backends)\n\
+             \n  WebSocket    ws://{proxy}/rooms/lobby?user=NAME\
+             \n               send any text; {{\"type\":\"whoami\"}} tells which backend you are on\
+             \n  backends     {}\
+             \n  pub/sub      {}\n\
+             \nCtrl-C stops it.",
+            backends.join(", "),
+            self.pubsub,
+            proxy = self.proxy,
+        )
+    }
+}
+
+/// Starts the backends and the proxy; everything stops when `shutdown` is cancelled.
+pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result<Demo, DemoError> {
+    let hub = MemoryHub::default();
+    let mut backends = Vec::new();
+    for i in 1..=options.backends.max(1) {
+        let (broker, deliveries): (Box<dyn Broker>, _) = match &options.redis {
+            Some(url) => {
+                let (b, rx) = RedisBroker::connect(url).await?;
+                (Box::new(b), rx)
+            }
+            None => {
+                let (b, rx) = hub.broker();
+                (Box::new(b), rx)
+            }
+        };
+        let backend = RelayBackend::new(Options::new(&format!("backend-{i}")), broker, deliveries);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(backend.clone().serve(listener, shutdown.clone()));
+        backends.push((backend, addr));
+    }
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(_, a)| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\
+         [[route]]\npath = \"/rooms\"\npool = \"demo\"\nidentity = \"query:user\"\n\
+         [pool.demo]\nbackends = [{}]\n",
+        options.port,
+        list.join(", ")
+    );
+    let config = Config::parse(&text, "(demo)")?;
+    let listeners = Listeners::bind(&config).await?;
+    let proxy = listeners.server[0].local_addr()?;
+    let gateway = Arc::new(Gateway::new(&config)?.with_page(PAGE));
+    let done = tokio::spawn({
+        let gateway = gateway.clone();
+        async move { gateway.run(listeners, shutdown).await }
+    });
+    Ok(Demo {
+        proxy,
+        backends,
+        gateway,
+        pubsub: options
+            .redis
+            .clone()
+            .unwrap_or_else(|| "in memory".to_string()),
+        done,
+    })
+}
