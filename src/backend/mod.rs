@@ -496,10 +496,19 @@ impl RelayBackend {
             };
             match envelope.kind {
                 EnvelopeKind::Members => {
-                    entry
+                    let origin = envelope.origin.clone();
+                    let first = entry
                         .heard
-                        .insert(envelope.origin, (envelope.users, Instant::now()));
+                        .insert(envelope.origin, (envelope.users, Instant::now()))
+                        .is_none();
                     refresh_members(room, entry, &self.inner.stats);
+                    if first && origin != me {
+                        // A backend new to this room: tell it who is here now rather
+                        // than at the next tick. It answers only once per newcomer.
+                        let backend = self.clone();
+                        let room = room.to_string();
+                        tokio::spawn(async move { backend.publish_members(&room).await });
+                    }
                 }
                 EnvelopeKind::Message => {
                     let message = if envelope.binary {

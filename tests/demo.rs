@@ -1,0 +1,295 @@
+//! `wsgate demo`: the command prints where to go, the page is served, and in a real
+//! browser (headless Chromium) two tabs land on different backends and talk.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use wsgate::backend::demo::{DemoOptions, start};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut body = Vec::new();
+    timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut body),
+    )
+    .await
+    .expect("answer in time")
+    .expect("read");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn the_demo_command_prints_its_urls_and_serves_the_page() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["demo", "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run wsgate demo");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let url = timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read")
+                .expect("demo exited early");
+            if let Some(rest) = line.split("http://").nth(1) {
+                return rest.split('/').next().unwrap_or("").to_string();
+            }
+        }
+    })
+    .await
+    .expect("the demo prints its URL");
+    let addr: std::net::SocketAddr = url.parse().expect("host:port");
+    let page = http_get(addr, "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("text/html"), "{page}");
+    assert!(page.contains("<title>wsgate demo</title>"));
+
+    // The WebSocket URL it prints works, and whoami names a backend.
+    let mut ws = connect(&format!("ws://{addr}/rooms/lobby?user=cli")).await;
+    ws.send(Message::text(r#"{"type":"whoami"}"#))
+        .await
+        .expect("send");
+    let mut backend = None;
+    for _ in 0..10 {
+        if let Message::Text(t) = next(&mut ws).await {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["type"] == "whoami" {
+                backend = v["backend"].as_str().map(str::to_string);
+                break;
+            }
+        }
+    }
+    assert!(backend.is_some_and(|b| b.starts_with("backend-")));
+}
+
+/// A minimal Chrome DevTools Protocol client: commands by id, events ignored.
+struct Browser {
+    _child: tokio::process::Child,
+    ws: Ws,
+    next_id: u64,
+    _profile: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let binary = ["chromium", "/usr/bin/chromium", "chromium-browser"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("chromium is not installed; ./scripts/test installs Debian's chromium package");
+        let profile =
+            TempDir(std::env::temp_dir().join(format!("wsgate-chromium-{}", fastrand::u64(..))));
+        std::fs::create_dir_all(&profile.0).expect("profile dir");
+        let mut child = tokio::process::Command::new(binary)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--window-size=900,700",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .arg("about:blank")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromium");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let endpoint = timeout(Duration::from_secs(30), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read")
+                    .expect("chromium exited early");
+                if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                    return url.trim().to_string();
+                }
+            }
+        })
+        .await
+        .expect("chromium's DevTools endpoint within 30 s");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ws = connect(&endpoint).await;
+        Browser {
+            _child: child,
+            ws,
+            next_id: 1,
+            _profile: profile,
+        }
+    }
+
+    async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut command = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            command["sessionId"] = json!(s);
+        }
+        self.ws
+            .send(Message::text(command.to_string()))
+            .await
+            .expect("send to DevTools");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = timeout(left, self.ws.next())
+                .await
+                .expect("DevTools answers")
+                .expect("open")
+                .expect("ok");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method} failed: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Opens a tab; returns its session.
+    async fn open(&mut self, url: &str) -> String {
+        let target = self
+            .call(None, "Target.createTarget", json!({"url": url}))
+            .await;
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        attached["sessionId"].as_str().expect("session").to_string()
+    }
+
+    async fn eval(&mut self, session: &str, expression: &str) -> Value {
+        let r = self
+            .call(
+                Some(session),
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true}),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expression` until it is truthy (a string: non-empty), with a deadline.
+    async fn wait(&mut self, session: &str, expression: &str, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self.eval(session, expression).await;
+            let truthy = match &v {
+                Value::Bool(b) => *b,
+                Value::String(s) => !s.is_empty(),
+                Value::Null => false,
+                _ => true,
+            };
+            if truthy {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
+    let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
+    let demo = start(
+        &DemoOptions {
+            port: 0,
+            redis: None,
+            backends: 3,
+        },
+        stop,
+    )
+    .await
+    .expect("demo");
+    let mut browser = Browser::launch().await;
+
+    let landed = "(() => { const b = document.getElementById('backend').textContent; return b.startsWith('backend-') ? b : ''; })()";
+    let alice = browser
+        .open(&format!("http://{}/?user=alice", demo.proxy))
+        .await;
+    let alice_backend = browser.wait(&alice, landed, "alice's tab to land").await;
+    let bob = browser
+        .open(&format!("http://{}/?user=bob", demo.proxy))
+        .await;
+    let bob_backend = browser.wait(&bob, landed, "bob's tab to land").await;
+    assert_ne!(
+        alice_backend, bob_backend,
+        "the two tabs must land on different backends"
+    );
+
+    let members = "(() => { const t = document.getElementById('members').innerText; return t.includes('alice') && t.includes('bob'); })()";
+    browser
+        .wait(&alice, members, "alice to see both members")
+        .await;
+    browser.wait(&bob, members, "bob to see both members").await;
+
+    browser
+        .eval(&alice, "document.getElementById('input').value = 'hello from alice'; document.getElementById('send').click(); true")
+        .await;
+    let arrived = "document.getElementById('messages').innerText.includes('hello from alice')";
+    browser
+        .wait(&bob, arrived, "bob's tab to show alice's message")
+        .await;
+    browser
+        .wait(&alice, arrived, "alice's tab to show her own message")
+        .await;
+
+    browser
+        .call(Some(&bob), "Page.bringToFront", json!({}))
+        .await;
+    let shot = browser
+        .call(
+            Some(&bob),
+            "Page.captureScreenshot",
+            json!({"format": "png"}),
+        )
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().expect("png data"))
+        .expect("base64");
+    assert!(png.starts_with(b"\x89PNG"));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-two-tabs.png");
+    std::fs::write(&path, &png).expect("write screenshot");
+    println!("screenshot: {}", path.display());
+}
