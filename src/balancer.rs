@@ -6,7 +6,7 @@
 //! `Drop`, whatever ended the connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use crate::config::{BackendAddr, BackendConfig, PoolConfig};
 
@@ -24,6 +24,10 @@ pub struct Backend {
     remote: AtomicU64,
     /// No longer in the config: keeps its tunnels, gets no new ones.
     draining: AtomicBool,
+    /// Cleared by health checks (see `health`); always set without them.
+    healthy: AtomicBool,
+    /// Consecutive check results: > 0 successes, < 0 failures.
+    pub(crate) streak: AtomicI32,
 }
 
 impl Backend {
@@ -34,7 +38,17 @@ impl Backend {
             active: AtomicU64::new(0),
             remote: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            streak: AtomicI32::new(0),
         }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
     }
 
     pub fn weight(&self) -> u32 {
@@ -68,6 +82,11 @@ impl Backend {
 
     fn available(&self) -> bool {
         !self.is_draining()
+    }
+
+    /// Can take new connections by preference: healthy and not draining.
+    pub fn ready(&self) -> bool {
+        self.available() && self.is_healthy()
     }
 }
 
@@ -126,13 +145,27 @@ impl Pool {
 
     /// Picks the available backend with the fewest cluster-wide connections (this
     /// instance's exact count plus the others' published ones) per unit of weight,
-    /// skipping those in `tried`; a uniformly random one among ties. The returned
+    /// skipping those in `tried`; a uniformly random one among ties. Healthy
+    /// backends first; only when none is healthy are ejected ones tried (health
+    /// may be stale, a refused connect costs less than a certain 503). The returned
     /// guard already counts the new connection, so concurrent picks see it.
     pub fn pick(&self, tried: &[usize], rng: &mut fastrand::Rng) -> Option<(usize, ConnGuard)> {
+        let i = self
+            .least_loaded(tried, rng, Backend::ready)
+            .or_else(|| self.least_loaded(tried, rng, Backend::available))?;
+        Some((i, ConnGuard::new(self.backends[i].clone())))
+    }
+
+    fn least_loaded(
+        &self,
+        tried: &[usize],
+        rng: &mut fastrand::Rng,
+        eligible: fn(&Backend) -> bool,
+    ) -> Option<usize> {
         let mut best: Option<usize> = None;
         let mut ties = 0u32;
         for (i, backend) in self.backends.iter().enumerate() {
-            if !backend.available() || tried.contains(&i) {
+            if !eligible(backend) || tried.contains(&i) {
                 continue;
             }
             let Some(current) = best else {
@@ -156,8 +189,7 @@ impl Pool {
                 std::cmp::Ordering::Greater => {}
             }
         }
-        let i = best?;
-        Some((i, ConnGuard::new(self.backends[i].clone())))
+        best
     }
 }
 
@@ -191,6 +223,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             retries: defaults::RETRIES,
+            health: None,
         };
         Pool::new("p", &settings, None)
     }
@@ -229,6 +262,18 @@ mod tests {
         assert_eq!(i, 2);
         assert!(pool.pick(&[0, 2], &mut rng).is_none());
         assert!(self::pool(&[]).pick(&[], &mut rng).is_none());
+    }
+
+    #[test]
+    fn unhealthy_backends_are_tried_only_when_none_is_healthy() {
+        let pool = pool(&[1, 1]);
+        let mut rng = fastrand::Rng::with_seed(2);
+        pool.backends[0].set_healthy(false);
+        for _ in 0..5 {
+            assert_eq!(pool.pick(&[], &mut rng).unwrap().0, 1);
+        }
+        pool.backends[1].set_healthy(false);
+        assert!(pool.pick(&[], &mut rng).is_some());
     }
 
     #[test]

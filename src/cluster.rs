@@ -88,11 +88,17 @@ pub trait Store: Send + Sync {
     fn lookup<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<PresenceEntry>>;
     /// Removes this instance's state (clean shutdown).
     fn leave(&self) -> StoreFuture<'_, ()>;
+    /// Instance → user → connections, for every live instance.
+    fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals>;
 }
+
+/// Instance → user → connections.
+pub type PresenceTotals = HashMap<String, HashMap<String, usize>>;
 
 /// One instance alone: its own table is the whole picture.
 pub struct MemoryStore {
     presence: Arc<Presence>,
+    instance: String,
 }
 
 impl Store for MemoryStore {
@@ -119,6 +125,17 @@ impl Store for MemoryStore {
 
     fn leave(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals> {
+        Box::pin(async move {
+            let users = self.presence.per_user();
+            let mut totals = PresenceTotals::new();
+            if !users.is_empty() {
+                totals.insert(self.instance.clone(), users.into_iter().collect());
+            }
+            Ok(totals)
+        })
     }
 }
 
@@ -308,6 +325,30 @@ impl Store for RedisStore {
         })
     }
 
+    fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals> {
+        Box::pin(async move {
+            let ids = self.live_instances().await?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hgetall(self.keys.presence(id));
+            }
+            let hashes: Vec<HashMap<String, String>> = self.query(&pipe).await?;
+            let mut totals = PresenceTotals::new();
+            for (id, hash) in ids.into_iter().zip(hashes) {
+                if hash.is_empty() {
+                    continue;
+                }
+                let mut users = HashMap::new();
+                for (user, json) in hash {
+                    let entries: Vec<PresenceEntry> = serde_json::from_str(&json)?;
+                    users.insert(user, entries.len());
+                }
+                totals.insert(id, users);
+            }
+            Ok(totals)
+        })
+    }
+
     fn leave(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let id = &self.instance;
@@ -350,6 +391,7 @@ impl Cluster {
             }
             None => Box::new(MemoryStore {
                 presence: presence.clone(),
+                instance: config.instance_id.clone(),
             }),
         };
         Ok(Arc::new(Cluster {
@@ -389,6 +431,11 @@ impl Cluster {
     /// commands in one round trip after reading the instance list.
     pub async fn lookup(&self, user: &str) -> Result<Vec<PresenceEntry>, ClusterError> {
         self.store.lookup(user).await
+    }
+
+    /// Instance → user → connections across the cluster.
+    pub async fn presence_totals(&self) -> Result<PresenceTotals, ClusterError> {
+        self.store.presence_totals().await
     }
 
     /// Every quarter heartbeat, publishes what changed (counts, presence, events) in

@@ -26,6 +26,42 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub cluster: ClusterConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/presence`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `None`: no admin listener.
+    pub listen: Option<SocketAddr>,
+    /// When set, every admin request needs `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// Count messages and bytes per direction (cheap: tallied per connection and
+    /// added to the shared counters at most once a second and at close).
+    pub message_metrics: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            token: None,
+            message_metrics: true,
+        }
+    }
+}
+
+/// Active health checks of a pool's backends, with hysteresis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// `GET path` must answer 2xx; without it, a TCP connect is the check.
+    pub path: Option<String>,
+    /// Consecutive failures (checks or connects) that eject a backend.
+    pub unhealthy_after: u32,
+    /// Consecutive successful checks that bring it back.
+    pub healthy_after: u32,
 }
 
 /// How this instance shares its state: through Redis with `redis` set, else in
@@ -141,6 +177,8 @@ pub struct PoolConfig {
     pub max_message_size: u64,
     /// After the chosen backend refuses or times out, how many others to try.
     pub retries: usize,
+    /// Active checks; without them every backend counts as healthy.
+    pub health: Option<HealthConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,8 +335,24 @@ struct RawConfig {
     #[serde(default)]
     pool: BTreeMap<String, RawPool>,
     cluster: Option<RawCluster>,
+    admin: Option<RawAdmin>,
 }
 
+#[derive(Deserialize)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    message_metrics: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawHealth {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    unhealthy_after: Option<Spanned<i64>>,
+    healthy_after: Option<Spanned<i64>>,
+}
 #[derive(Deserialize)]
 struct RawCluster {
     redis: Option<Spanned<String>>,
@@ -332,6 +386,7 @@ struct RawPool {
     idle_timeout: Option<Spanned<String>>,
     max_message_size: Option<Spanned<RawSize>>,
     retries: Option<Spanned<i64>>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Deserialize)]
@@ -474,11 +529,87 @@ impl<'a> Report<'a> {
             }
         }
         let cluster = self.cluster(raw.cluster);
+        let admin = self.admin(raw.admin, &server);
         Config {
             server,
             routes,
             pools,
             cluster,
+            admin,
+        }
+    }
+
+    fn admin(&mut self, raw: Option<RawAdmin>, server: &ServerConfig) -> AdminConfig {
+        let mut admin = AdminConfig::default();
+        let Some(raw) = raw else { return admin };
+        if let Some(listen) = raw.listen {
+            match listen.get_ref().parse::<SocketAddr>() {
+                Ok(a) if server.listen.contains(&a) && a.port() != 0 => self.push(
+                    listen.span(),
+                    "admin.listen",
+                    format!("{a} is also a [server] listen address"),
+                    "give the admin listener an address of its own, like \"127.0.0.1:9090\"",
+                ),
+                Ok(a) => admin.listen = Some(a),
+                Err(_) => self.push(
+                    listen.span(),
+                    "admin.listen",
+                    format!("`{}` is not an IP address with a port", listen.get_ref()),
+                    "write an IP address and port, like \"127.0.0.1:9090\"",
+                ),
+            }
+        }
+        if let Some(token) = raw.token {
+            if token.get_ref().len() >= 16 && token.get_ref().bytes().all(|b| b.is_ascii_graphic())
+            {
+                admin.token = Some(token.into_inner());
+            } else {
+                self.push(
+                    token.span(),
+                    "admin.token",
+                    "the token is too short or has spaces".into(),
+                    "use 16 or more printable characters without spaces",
+                );
+            }
+        }
+        admin.message_metrics = raw.message_metrics.unwrap_or(true);
+        admin
+    }
+
+    fn health(&mut self, key: &str, raw: RawHealth) -> HealthConfig {
+        let path = raw.path.and_then(|p| {
+            if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) {
+                Some(p.into_inner())
+            } else {
+                self.push(
+                    p.span(),
+                    format!("{key}.path"),
+                    format!("`{}` is not a path", p.get_ref()),
+                    "write a path that starts with `/`, like \"/health\"",
+                );
+                None
+            }
+        });
+        HealthConfig {
+            interval: self.duration(
+                raw.interval.as_ref(),
+                &format!("{key}.interval"),
+                Duration::from_secs(5),
+            ),
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                &format!("{key}.timeout"),
+                Duration::from_secs(2),
+            ),
+            path,
+            unhealthy_after: raw
+                .unhealthy_after
+                .map(|v| self.integer(&v, &format!("{key}.unhealthy_after"), 1, 100, 2))
+                .unwrap_or(2) as u32,
+            healthy_after: raw
+                .healthy_after
+                .map(|v| self.integer(&v, &format!("{key}.healthy_after"), 1, 100, 2))
+                .unwrap_or(2) as u32,
         }
     }
 
@@ -659,6 +790,7 @@ impl<'a> Report<'a> {
                     )
                 })
                 .unwrap_or(defaults::RETRIES as u64) as usize,
+            health: raw.health.map(|h| self.health(&format!("{key}.health"), h)),
         }
     }
 

@@ -12,14 +12,20 @@
 //! | [`frame`] | the frame walker the tunnel runs in each direction |
 //! | [`cluster`] | state shared with other instances: Redis or in memory |
 //! | [`presence`] | identities, presence records and join/leave events |
+//! | [`health`] | active checks and passive ejection, with hysteresis |
+//! | [`admin`] | the admin listener: metrics, health, backends, presence |
+//! | [`metrics`] | metric names, descriptions, the Prometheus recorder |
 //! | [`backend`] | the reference relay backend, its pub/sub brokers and the demo |
 
+pub mod admin;
 pub mod backend;
 pub mod balancer;
 pub mod cluster;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod health;
+pub mod metrics;
 pub mod presence;
 pub mod relay;
 pub mod server;
@@ -41,6 +47,8 @@ use state::State;
 /// The sockets wsgate serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
     pub server: Vec<TcpListener>,
+    /// The admin listener, when `[admin] listen` is set.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -53,7 +61,13 @@ impl Listeners {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             server.push(listener);
         }
-        Ok(Listeners { server })
+        let admin = match config.admin.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Listeners { server, admin })
     }
 }
 
@@ -64,15 +78,44 @@ pub struct Gateway {
     cluster: Arc<Cluster>,
     /// Served to a plain `GET /` (the demo's chat page).
     page: Option<&'static str>,
+    admin: config::AdminConfig,
+    /// Whether `[cluster] redis` is set (read at start only).
+    redis: bool,
 }
 
 impl Gateway {
     pub fn new(config: &Config) -> Result<Gateway, ClusterError> {
+        metrics::handle();
         Ok(Gateway {
             state: Arc::new(State::new(config)),
             cluster: Cluster::new(&config.cluster)?,
             page: None,
+            admin: config.admin.clone(),
+            redis: config.cluster.redis.is_some(),
         })
+    }
+
+    /// Swaps in a new configuration (routes, pools, backends, timeouts); live
+    /// tunnels keep the settings they started with. `[server]`, `[admin]` and
+    /// `[cluster]` changes take effect at the next start.
+    pub fn reload(&self, config: &Config) {
+        self.state.reload(config);
+        ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
+    }
+
+    /// Reads, validates and swaps in `path`; an invalid file keeps the running
+    /// configuration and is counted as an error.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), ConfigError> {
+        match Config::load(path) {
+            Ok(config) => {
+                self.reload(&config);
+                Ok(())
+            }
+            Err(e) => {
+                ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "error").increment(1);
+                Err(e)
+            }
+        }
     }
 
     /// Serves `html` to a plain `GET /` (not an upgrade) before routing.
@@ -100,10 +143,25 @@ impl Gateway {
                 .clone()
                 .run(self.state.clone(), stop_cluster.clone()),
         );
+        let stop_admin = CancellationToken::new();
+        let background = TaskTracker::new();
+        background.spawn(health::run(self.state.clone(), stop_admin.clone()));
+        if let Some(listener) = listeners.admin {
+            let admin = Arc::new(admin::Admin {
+                state: self.state.clone(),
+                cluster: self.cluster.clone(),
+                draining: shutdown.clone(),
+                token: self.admin.token.clone(),
+                redis: self.redis,
+            });
+            background.spawn(admin::serve(listener, admin, stop_admin.clone()));
+        }
+        background.close();
         let shared = server::Shared {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
             page: self.page,
+            message_metrics: self.admin.message_metrics,
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -124,6 +182,8 @@ impl Gateway {
         if let Err(e) = cluster_task.await {
             tracing::error!(error = %e, "cluster task failed");
         }
+        stop_admin.cancel();
+        background.wait().await;
     }
 }
 

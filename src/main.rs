@@ -214,9 +214,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     runtime()?.block_on(async move {
         let listeners = Listeners::bind(&config).await?;
-        let gateway = Gateway::new(&config)?;
+        let gateway = std::sync::Arc::new(Gateway::new(&config)?);
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(path, gateway.state().clone(), shutdown.clone()));
+        tokio::spawn(signals(path, gateway.clone(), shutdown.clone()));
         gateway.run(listeners, shutdown).await;
         tracing::info!("stopped");
         Ok(())
@@ -225,11 +225,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
 
 /// SIGINT/SIGTERM: stop accepting and close every tunnel (1001); a second one exits
 /// at once. SIGHUP: reload the configuration; an invalid file keeps the old one.
-async fn signals(
-    path: PathBuf,
-    state: std::sync::Arc<wsgate::state::State>,
-    shutdown: CancellationToken,
-) {
+async fn signals(path: PathBuf, gateway: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -244,11 +240,8 @@ async fn signals(
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = hup.recv() => {
-                match Config::load(&path) {
-                    Ok(config) => {
-                        state.reload(&config);
-                        tracing::info!(path = %path.display(), "configuration reloaded");
-                    }
+                match gateway.reload_from(&path) {
+                    Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
                     Err(e) => tracing::error!("reload refused, keeping the running configuration:\n{e}"),
                 }
                 continue;

@@ -227,6 +227,15 @@ impl Presence {
         self.lock().users.get(user).cloned().unwrap_or_default()
     }
 
+    /// Each user in this instance's table with its number of connections.
+    pub fn per_user(&self) -> Vec<(String, usize)> {
+        self.lock()
+            .users
+            .iter()
+            .map(|(u, e)| (u.clone(), e.len()))
+            .collect()
+    }
+
     /// Users and connections in this instance's table.
     pub fn totals(&self) -> (usize, usize) {
         let table = self.lock();

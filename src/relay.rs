@@ -61,6 +61,62 @@ pub struct Outcome {
     pub end: End,
     pub client_to_backend: Tally,
     pub backend_to_client: Tally,
+    /// Who sent the first close frame, if anyone did.
+    pub first_close: Option<Side>,
+}
+
+/// The shared message and byte counters of one pool, and what this tunnel has
+/// added to them. Tallies are added at most once a second (on traffic) and at the
+/// end: never an atomic per frame.
+pub struct Meter {
+    /// Client to backend, backend to client.
+    messages: [metrics::Counter; 2],
+    bytes: [metrics::Counter; 2],
+    /// Messages up, down, bytes up, down, as last added.
+    added: [u64; 4],
+    last_added: Instant,
+}
+
+/// How often a busy tunnel adds its tallies to the shared counters.
+const METER_EVERY: Duration = Duration::from_secs(1);
+
+impl Meter {
+    pub fn new(pool: &str) -> Meter {
+        use crate::metrics::{BACKEND_TO_CLIENT, BYTES, CLIENT_TO_BACKEND, MESSAGES};
+        let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "pool" => pool.to_string(), "direction" => direction);
+        Meter {
+            messages: [
+                counter(MESSAGES, CLIENT_TO_BACKEND),
+                counter(MESSAGES, BACKEND_TO_CLIENT),
+            ],
+            bytes: [
+                counter(BYTES, CLIENT_TO_BACKEND),
+                counter(BYTES, BACKEND_TO_CLIENT),
+            ],
+            added: [0; 4],
+            last_added: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, up: &Flow, down: &Flow, now: Instant) {
+        let now_counts = [
+            up.walker.messages(),
+            down.walker.messages(),
+            up.bytes,
+            down.bytes,
+        ];
+        for (i, n) in now_counts.iter().enumerate() {
+            let delta = n - self.added[i];
+            if delta > 0 {
+                match i {
+                    0 | 1 => self.messages[i].increment(delta),
+                    _ => self.bytes[i - 2].increment(delta),
+                }
+            }
+        }
+        self.added = now_counts;
+        self.last_added = now;
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -201,6 +257,8 @@ pub struct Tunnel<G> {
     pub limits: Limits,
     /// Released when the backend connection is done with (count, permit...).
     pub backend_guard: G,
+    /// Message and byte counters; `None` with message metrics off.
+    pub meter: Option<Meter>,
 }
 
 impl<G> Tunnel<G> {
@@ -213,7 +271,9 @@ impl<G> Tunnel<G> {
             backend_early,
             limits,
             backend_guard,
+            mut meter,
         } = self;
+        let mut first_close = None;
         let mut up = Flow::new(limits.max_message_size);
         let mut down = Flow::new(limits.max_message_size);
         let end = relay(
@@ -225,10 +285,23 @@ impl<G> Tunnel<G> {
             &mut down,
             limits.idle_timeout,
             &shutdown,
+            &mut meter,
+            &mut first_close,
         )
         .await;
+        if let Some(meter) = meter.as_mut() {
+            meter.add(&up, &down, Instant::now());
+        }
+        if first_close.is_none() {
+            first_close = match (up.walker.close_code(), down.walker.close_code()) {
+                (Some(_), _) => Some(Side::Client),
+                (None, Some(_)) => Some(Side::Backend),
+                (None, None) => None,
+            };
+        }
         let outcome = Outcome {
             end,
+            first_close,
             client_to_backend: up.tally(),
             backend_to_client: down.tally(),
         };
@@ -320,6 +393,8 @@ async fn relay(
     down: &mut Flow,
     idle_timeout: Duration,
     shutdown: &CancellationToken,
+    meter: &mut Option<Meter>,
+    first_close: &mut Option<Side>,
 ) -> End {
     // Early bytes were read by the HTTP layer along with the handshake; they go
     // through the walker like any other.
@@ -355,6 +430,18 @@ async fn relay(
     loop {
         if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
             return End::Closed;
+        }
+        if first_close.is_none() {
+            if up.walker.close_code().is_some() {
+                *first_close = Some(Side::Client);
+            } else if down.walker.close_code().is_some() {
+                *first_close = Some(Side::Backend);
+            }
+        }
+        if let Some(m) = meter.as_mut()
+            && last_activity.duration_since(m.last_added) >= METER_EVERY
+        {
+            m.add(up, down, last_activity);
         }
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();

@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
@@ -23,8 +23,9 @@ use tracing::Instrument;
 
 use crate::cluster::Cluster;
 use crate::handshake::{self, Rejection};
+use crate::metrics as m;
 use crate::presence::{self, PresenceEntry};
-use crate::relay::{Limits, Tunnel};
+use crate::relay::{End, Limits, Meter, Outcome, Side, Tunnel};
 use crate::state::State;
 use crate::upstream::{self, Answer};
 
@@ -34,6 +35,8 @@ pub struct Shared {
     pub state: Arc<State>,
     pub cluster: Arc<Cluster>,
     pub page: Option<&'static str>,
+    /// Count messages and bytes per direction.
+    pub message_metrics: bool,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
     /// One permit per client connection, held from accept to the end of its tunnel.
@@ -150,20 +153,26 @@ async fn proxy(
         );
         return page;
     }
+    let started = Instant::now();
     let snapshot = shared.state.load();
     let Some(route) = snapshot.route(handshake::request_host(&req), req.uri().path()) else {
         tracing::debug!(%peer, path = req.uri().path(), "no route");
+        count_upgrade("", "", "no_route");
         return Rejection::NoRoute.response();
     };
     if let Err(rejection) = handshake::validate(&req) {
         tracing::debug!(%peer, ?rejection, "rejected upgrade");
+        count_upgrade(&route.pool.name, "", "bad_request");
         return rejection.response();
     }
     let user = match &route.identity {
         None => None,
         Some(source) => match presence::identity(source, &req) {
             Ok(user) => user,
-            Err(reason) => return Rejection::Malformed(reason).response(),
+            Err(reason) => {
+                count_upgrade(&route.pool.name, "", "bad_request");
+                return Rejection::Malformed(reason).response();
+            }
         },
     };
     let pool = route.pool.clone();
@@ -184,19 +193,24 @@ async fn proxy(
         .await;
     let upgraded = match answer {
         Ok(Answer::Upgraded(upgraded)) => upgraded,
-        Ok(Answer::Declined(response)) => {
+        Ok(Answer::Declined { response, backend }) => {
             span.in_scope(
                 || tracing::info!(status = %response.status(), "backend declined the upgrade"),
             );
+            count_upgrade(&pool.name, &backend, "backend_rejected");
             return response;
         }
         Err(e) => {
             span.in_scope(|| tracing::warn!(error = %e, "no backend took the upgrade"));
+            count_upgrade(&pool.name, e.backend(), e.label());
             return handshake::plain(e.status(), &e.to_string());
         }
     };
     let backend = upgraded.guard.backend().addr.to_string();
     span.record("backend", backend.as_str());
+    count_upgrade(&pool.name, &backend, "ok");
+    ::metrics::histogram!(m::UPGRADE_DURATION, "pool" => pool.name.clone())
+        .record(started.elapsed().as_secs_f64());
     let presence = user.map(|user| {
         shared.cluster.presence().join(PresenceEntry {
             user,
@@ -213,6 +227,7 @@ async fn proxy(
         max_message_size: pool.settings.max_message_size,
     };
     let shutdown = shared.shutdown.clone();
+    let meter = shared.message_metrics.then(|| Meter::new(&pool.name));
     shared.tracker.spawn(
         async move {
             let client = match client_upgrade.await {
@@ -234,12 +249,55 @@ async fn proxy(
                 backend_early: upgraded.early,
                 limits,
                 backend_guard: (upgraded.guard, presence),
+                meter,
             };
+            let opened = Instant::now();
             let outcome = tunnel.run(shutdown).await;
             drop(permit);
+            count_close(&pool.name, &outcome);
+            ::metrics::histogram!(m::CONNECTION_DURATION, "pool" => pool.name.clone())
+                .record(opened.elapsed().as_secs_f64());
             tracing::debug!(?outcome, "tunnel closed");
         }
         .instrument(span),
     );
     response
+}
+
+fn count_upgrade(pool: &str, backend: &str, result: &'static str) {
+    ::metrics::counter!(
+        m::UPGRADES,
+        "pool" => pool.to_string(),
+        "backend" => backend.to_string(),
+        "result" => result,
+    )
+    .increment(1);
+}
+
+/// One count per ended tunnel: who started the close and with which code.
+fn count_close(pool: &str, outcome: &Outcome) {
+    use crate::frame::close_code;
+    let side = |s: Side| match s {
+        Side::Client => "client",
+        Side::Backend => "backend",
+    };
+    let first_code = |s: Side| match s {
+        Side::Client => outcome.client_to_backend.close_code,
+        Side::Backend => outcome.backend_to_client.close_code,
+    };
+    let (initiator, code) = match (outcome.end, outcome.first_close) {
+        (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
+        (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
+        (_, Some(s)) => (side(s), first_code(s)),
+        (End::ClientGone, None) => ("client", None),
+        (End::BackendGone, None) => ("backend", None),
+        (End::Closed, None) => ("client", None),
+    };
+    ::metrics::counter!(
+        m::CLOSES,
+        "pool" => pool.to_string(),
+        "code" => m::close_code_label(code),
+        "initiator" => initiator,
+    )
+    .increment(1);
 }

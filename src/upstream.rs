@@ -23,7 +23,10 @@ pub enum Answer {
     /// It switched protocols: the socket is ready for the tunnel.
     Upgraded(Upgraded),
     /// It answered something else; the client gets this response as is.
-    Declined(Response<Full<Bytes>>),
+    Declined {
+        response: Response<Full<Bytes>>,
+        backend: String,
+    },
 }
 
 pub struct Upgraded {
@@ -68,6 +71,18 @@ impl UpstreamError {
         }
     }
 
+    /// The backend it is about ("" when there was none).
+    pub fn backend(&self) -> &str {
+        match self {
+            UpstreamError::NoBackend => "",
+            UpstreamError::Connect { addr, .. }
+            | UpstreamError::ConnectTimeout { addr }
+            | UpstreamError::HandshakeTimeout { addr }
+            | UpstreamError::Unreadable { addr, .. }
+            | UpstreamError::Takeover { addr } => addr,
+        }
+    }
+
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -100,7 +115,11 @@ pub async fn open(
         tried.push(index);
         let backend = guard.backend().clone();
         let addr = backend.addr.to_string();
-        match timeout(settings.connect_timeout, connect(&backend)).await {
+        let connected = timeout(settings.connect_timeout, connect(&backend)).await;
+        if let Some(health) = &settings.health {
+            crate::health::record(&pool.name, &backend, matches!(connected, Ok(Ok(_))), health);
+        }
+        match connected {
             Ok(Ok(stream)) => {
                 return timeout(
                     settings.handshake_timeout,
@@ -193,5 +212,8 @@ async fn handshake(
     // status; its text is dropped.
     let body = body.map(|b| b.to_bytes()).unwrap_or_default();
     drop(guard);
-    Ok(Answer::Declined(handshake::passthrough(head, body)))
+    Ok(Answer::Declined {
+        response: handshake::passthrough(head, body),
+        backend: addr,
+    })
 }

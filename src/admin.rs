@@ -1,0 +1,244 @@
+//! The admin listener, separate from the public ones: `/metrics` (Prometheus),
+//! `/healthz`, `/readyz`, `/backends` and `/presence`, optionally behind a bearer
+//! token.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::handshake::plain;
+use crate::metrics as m;
+use crate::state::State;
+
+/// What the admin endpoints read.
+pub struct Admin {
+    pub state: Arc<State>,
+    pub cluster: Arc<Cluster>,
+    /// Cancelled when wsgate starts shutting down: `/readyz` answers 503.
+    pub draining: CancellationToken,
+    pub token: Option<String>,
+    /// Whether the cluster uses Redis (else `wsgate_redis_up` is not reported).
+    pub redis: bool,
+}
+
+/// Serves admin requests on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.token {
+            let expected = format!("Bearer {token}");
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            if !given.is_some_and(|g| same(g, expected.as_bytes())) {
+                let mut response = plain(StatusCode::UNAUTHORIZED, "a bearer token is required");
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return response;
+            }
+        }
+        if req.method() != Method::GET {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+        }
+        let path = req.uri().path();
+        match path {
+            "/metrics" => self.metrics(),
+            "/healthz" => plain(StatusCode::OK, "ok"),
+            "/readyz" => self.readyz(),
+            "/backends" => self.backends(),
+            "/presence" => self.presence_totals().await,
+            _ => match path.strip_prefix("/presence/") {
+                Some(user) if !user.is_empty() => self.presence(user).await,
+                _ => plain(
+                    StatusCode::NOT_FOUND,
+                    "admin endpoints: /metrics /healthz /readyz /backends /presence /presence/USER",
+                ),
+            },
+        }
+    }
+
+    /// Sets the gauges that are read from state, then renders everything.
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.state.load();
+        for pool in snapshot.pools.values() {
+            for backend in &pool.backends {
+                let labels = [
+                    ("pool", pool.name.clone()),
+                    ("backend", backend.addr.to_string()),
+                ];
+                metrics::gauge!(m::CONNECTIONS_ACTIVE, &labels).set(backend.active() as f64);
+                metrics::gauge!(m::CLUSTER_CONNECTIONS, &labels).set(backend.load() as f64);
+                metrics::gauge!(m::BACKEND_UP, &labels).set(if backend.is_healthy() {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        if self.redis {
+            metrics::gauge!(m::REDIS_UP).set(if self.cluster.is_up() { 1.0 } else { 0.0 });
+        }
+        metrics::gauge!(m::INSTANCES).set(self.cluster.instances() as f64);
+        let mut response = Response::new(Full::new(Bytes::from(m::handle().render())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+
+    /// Not ready while draining, or while a routed pool has no healthy backend.
+    fn readyz(&self) -> Response<Full<Bytes>> {
+        if self.draining.is_cancelled() {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "draining");
+        }
+        let snapshot = self.state.load();
+        let mut empty: Vec<&str> = Vec::new();
+        for route in &snapshot.routes {
+            let pool = &route.pool;
+            if !pool.backends.iter().any(|b| b.ready()) && !empty.contains(&pool.name.as_str()) {
+                empty.push(&pool.name);
+            }
+        }
+        if empty.is_empty() {
+            plain(StatusCode::OK, "ready")
+        } else {
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no healthy backend in pool {}", empty.join(", ")),
+            )
+        }
+    }
+
+    fn backends(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.state.load();
+        let pools: Vec<serde_json::Value> = snapshot
+            .pools
+            .values()
+            .map(|pool| {
+                let backends: Vec<serde_json::Value> = pool
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "addr": b.addr.to_string(),
+                            "weight": b.weight(),
+                            "healthy": b.is_healthy(),
+                            "draining": b.is_draining(),
+                            "connections": b.active(),
+                            "cluster_connections": b.load(),
+                        })
+                    })
+                    .collect();
+                json!({"name": pool.name, "backends": backends})
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            json!({"instance": self.cluster.instance_id(), "pools": pools}),
+        )
+    }
+
+    async fn presence(&self, user: &str) -> Response<Full<Bytes>> {
+        match self.cluster.lookup(user).await {
+            Ok(entries) => json_response(
+                StatusCode::OK,
+                json!({"user": user, "connections": entries}),
+            ),
+            Err(e) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("presence unavailable: {e}"),
+            ),
+        }
+    }
+
+    async fn presence_totals(&self) -> Response<Full<Bytes>> {
+        match self.cluster.presence_totals().await {
+            Ok(totals) => {
+                let mut users: HashSet<&str> = HashSet::new();
+                let mut connections = 0usize;
+                let mut instances: Vec<serde_json::Value> = totals
+                    .iter()
+                    .map(|(instance, per_user)| {
+                        users.extend(per_user.keys().map(String::as_str));
+                        let n: usize = per_user.values().sum();
+                        connections += n;
+                        json!({"instance": instance, "users": per_user.len(), "connections": n})
+                    })
+                    .collect();
+                instances.sort_by(|a, b| a["instance"].as_str().cmp(&b["instance"].as_str()));
+                json_response(
+                    StatusCode::OK,
+                    json!({"users": users.len(), "connections": connections, "instances": instances}),
+                )
+            }
+            Err(e) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("presence unavailable: {e}"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Metric names, their descriptions, and the Prometheus recorder.
+//!
+//! Label values come from the configuration (pool names, backend addresses) or
+//! from fixed sets (results, directions, close code classes), never from what a
+//! client sends, so the number of series is bounded by the config.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_ACTIVE: &str = "wsgate_connections_active";
+pub const CLUSTER_CONNECTIONS: &str = "wsgate_cluster_connections";
+pub const UPGRADES: &str = "wsgate_upgrades_total";
+pub const UPGRADE_DURATION: &str = "wsgate_upgrade_duration_seconds";
+pub const CONNECTION_DURATION: &str = "wsgate_connection_duration_seconds";
+pub const MESSAGES: &str = "wsgate_messages_total";
+pub const BYTES: &str = "wsgate_bytes_total";
+pub const CLOSES: &str = "wsgate_closes_total";
+pub const BACKEND_UP: &str = "wsgate_backend_up";
+pub const REDIS_UP: &str = "wsgate_redis_up";
+pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
+pub const INSTANCES: &str = "wsgate_instances";
+
+/// `direction` label values.
+pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
+pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LIFETIME_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+
+/// The process-wide recorder: installed on first use, shared by every gateway in
+/// the process (one wsgate per process is the normal case).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(UPGRADE_DURATION.into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(CONNECTION_DURATION.into()),
+                    LIFETIME_BUCKETS,
+                )
+            })
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Proxied connections this instance holds, handshakes in flight included."
+    );
+    describe_gauge!(
+        CLUSTER_CONNECTIONS,
+        "Connections all live instances hold, as this instance last read them."
+    );
+    describe_counter!(UPGRADES, "Upgrade requests by outcome.");
+    describe_histogram!(
+        UPGRADE_DURATION,
+        Unit::Seconds,
+        "From the upgrade request to the 101 sent back."
+    );
+    describe_histogram!(
+        CONNECTION_DURATION,
+        Unit::Seconds,
+        "Lifetime of proxied connections."
+    );
+    describe_counter!(MESSAGES, "WebSocket data messages relayed, by direction.");
+    describe_counter!(
+        BYTES,
+        "Bytes relayed after the upgrade (frames included), by direction."
+    );
+    describe_counter!(
+        CLOSES,
+        "Ended tunnels by first close code and who started the close."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while a backend is healthy, 0 while it is ejected."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while Redis is reachable (only with [cluster] redis)."
+    );
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads by result.");
+    describe_gauge!(
+        INSTANCES,
+        "Live wsgate instances in the cluster, this one included."
+    );
+}
+
+/// The `code` label of a close code: standard codes as themselves, application
+/// ranges as a range, anything else as `invalid`.
+pub fn close_code_label(code: Option<u16>) -> &'static str {
+    const STANDARD: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
+    match code {
+        None => "none",
+        Some(c @ 1000..=1015) => STANDARD[usize::from(c - 1000)],
+        Some(3000..=3999) => "3000-3999",
+        Some(4000..=4999) => "4000-4999",
+        Some(_) => "invalid",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_code_labels_are_bounded() {
+        assert_eq!(close_code_label(Some(1000)), "1000");
+        assert_eq!(close_code_label(Some(1015)), "1015");
+        assert_eq!(close_code_label(Some(4321)), "4000-4999");
+        assert_eq!(close_code_label(Some(65535)), "invalid");
+        assert_eq!(close_code_label(None), "none");
+    }
+}
