@@ -41,18 +41,31 @@ pub async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bo
 /// The proxy, served by `wsgate::Gateway` in this process on 127.0.0.1:0.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin] listen`.
+    pub admin: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
+    /// `/readyz` status on the admin listener.
+    pub async fn ready(&self) -> u16 {
+        http_get(self.admin.expect("admin listener"), "/readyz", "")
+            .await
+            .0
+    }
+
     /// Starts a proxy from a config text; its `[server] listen` is replaced by port 0.
     pub async fn start(config: &str) -> Proxy {
         let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
         let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
         let listeners = Listeners::bind(&config).await.expect("bind");
         let addr = listeners.server[0].local_addr().expect("addr");
+        let admin = listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("admin addr"));
         let gateway = Arc::new(Gateway::new(&config).expect("gateway"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -62,6 +75,7 @@ impl Proxy {
         });
         Proxy {
             addr,
+            admin,
             gateway,
             shutdown,
             task: Some(task),
@@ -146,9 +160,12 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> EchoBackend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        EchoBackend::start_at("127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts on a given address (to bring a stopped backend back on its port).
+    pub async fn start_at(addr: SocketAddr) -> EchoBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let backend = EchoBackend {
             addr,
@@ -339,6 +356,30 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(request).await.expect("write request");
     read_head(&mut tcp).await
+}
+
+/// A GET with optional extra headers; returns (status, body). Bounded by 5 s.
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 pub async fn read_head(tcp: &mut TcpStream) -> String {
