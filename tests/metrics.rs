@@ -267,7 +267,7 @@ async fn every_series_has_its_exact_value_after_a_scripted_session() {
     assert_eq!(value("wsgate_instances", &[]), Some(1.0));
 
     // Label values come from the config only.
-    for ((_, labels), _) in &got {
+    for (_, labels) in got.keys() {
         if let Some(b) = labels.get("backend") {
             assert!(
                 ["", b0s.as_str(), b1s.as_str(), deads.as_str()].contains(&b.as_str()),
