@@ -60,6 +60,9 @@ enum Command {
         /// The proxy's port on 127.0.0.1.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// The admin listener's port on 127.0.0.1 (/metrics, /backends, ...).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
     },
 }
 
@@ -94,9 +97,14 @@ fn main() -> ExitCode {
             };
             runtime().and_then(|rt| rt.block_on(backend(listen, redis, options)))
         }
-        Command::Demo { redis, port } => {
+        Command::Demo {
+            redis,
+            port,
+            admin_port,
+        } => {
             let options = DemoOptions {
                 port,
+                admin_port,
                 redis,
                 backends: 3,
             };

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use wsgate::backend::demo::{DemoOptions, start};
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+async fn http_get_raw(addr: std::net::SocketAddr, path: &str) -> String {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.expect("write");
@@ -33,29 +33,44 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test]
 async fn the_demo_command_prints_its_urls_and_serves_the_page() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["demo", "--port", "0"])
+        .args(["demo", "--port", "0", "--admin-port", "0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("run wsgate demo");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = timeout(Duration::from_secs(10), async {
+    let (url, admin) = timeout(Duration::from_secs(10), async {
+        let mut page = None;
         loop {
             let line = lines
                 .next_line()
                 .await
                 .expect("read")
                 .expect("demo exited early");
-            if let Some(rest) = line.split("http://").nth(1) {
-                return rest.split('/').next().unwrap_or("").to_string();
+            let Some(rest) = line.split("http://").nth(1) else {
+                continue;
+            };
+            let host = rest.split('/').next().unwrap_or("").to_string();
+            if line.contains("chat page") {
+                page = Some(host);
+            } else if line.contains("admin") {
+                return (page.expect("the page comes first"), host);
             }
         }
     })
     .await
-    .expect("the demo prints its URL");
+    .expect("the demo prints its URLs");
     let addr: std::net::SocketAddr = url.parse().expect("host:port");
-    let page = http_get(addr, "/").await;
+    let admin: std::net::SocketAddr = admin.parse().expect("host:port");
+    let (status, backends) = common::http_get(admin, "/backends", "").await;
+    assert_eq!(status, 200);
+    let backends: Value = serde_json::from_str(&backends).expect("json");
+    assert_eq!(
+        backends["pools"][0]["backends"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let page = http_get_raw(addr, "/").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("text/html"), "{page}");
     assert!(page.contains("<title>wsgate demo</title>"));
@@ -235,6 +250,7 @@ async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
     let demo = start(
         &DemoOptions {
             port: 0,
+            admin_port: 0,
             redis: None,
             backends: 3,
         },

@@ -19,6 +19,8 @@ pub const PAGE: &str = include_str!("page.html");
 pub struct DemoOptions {
     /// The proxy's port on 127.0.0.1 (0: any free port).
     pub port: u16,
+    /// The admin listener's port on 127.0.0.1 (0: any free port).
+    pub admin_port: u16,
     /// Relay through Redis instead of in memory.
     pub redis: Option<String>,
     pub backends: usize,
@@ -39,6 +41,7 @@ pub enum DemoError {
 /// A running demo.
 pub struct Demo {
     pub proxy: SocketAddr,
+    pub admin: SocketAddr,
     pub backends: Vec<(RelayBackend, SocketAddr)>,
     pub gateway: Arc<Gateway>,
     pub pubsub: String,
@@ -55,15 +58,17 @@ impl Demo {
             .collect();
         format!(
             "wsgate demo is running\n\
-             \n  chat page    http://{proxy}/   (open it in two tabs: they land on different backends)\n\
+             \n  chat page    http://{proxy}/   (open it in two tabs: they land on different backends)\
              \n  WebSocket    ws://{proxy}/rooms/lobby?user=NAME\
              \n               send any text; {{\"type\":\"whoami\"}} tells which backend you are on\
              \n  backends     {}\
-             \n  pub/sub      {}\n\
+             \n  pub/sub      {}\
+             \n  admin        http://{admin}/metrics  /backends  /presence  /readyz\n\
              \nCtrl-C stops it.",
             backends.join(", "),
             self.pubsub,
             proxy = self.proxy,
+            admin = self.admin,
         )
     }
 }
@@ -95,14 +100,20 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
         .collect();
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:{}\"\n\
          [[route]]\npath = \"/rooms\"\npool = \"demo\"\nidentity = \"query:user\"\n\
          [pool.demo]\nbackends = [{}]\n",
         options.port,
+        options.admin_port,
         list.join(", ")
     );
     let config = Config::parse(&text, "(demo)")?;
     let listeners = Listeners::bind(&config).await?;
     let proxy = listeners.server[0].local_addr()?;
+    let admin = match &listeners.admin {
+        Some(l) => l.local_addr()?,
+        None => proxy,
+    };
     let gateway = Arc::new(Gateway::new(&config)?.with_page(PAGE));
     let done = tokio::spawn({
         let gateway = gateway.clone();
@@ -110,6 +121,7 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
     });
     Ok(Demo {
         proxy,
+        admin,
         backends,
         gateway,
         pubsub: options
