@@ -6,11 +6,13 @@
 //! at once; only bytes the receiver cannot take yet are copied to the heap, and that
 //! copy is freed as soon as it is written.
 
-use std::io;
+use std::future::Future;
+use std::io::{self, Read};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -183,15 +185,32 @@ enum Step {
 /// Reads once from `from`, walks and writes to `to` what it may; what `to` cannot
 /// take now goes to `flow.pending`. Synchronous, so its buffer lives on the stack,
 /// not in the connection's future.
+///
+/// A read that does not fill the buffer took everything the socket had: its
+/// readiness is cleared right there, saving the read that would only have
+/// returned `WouldBlock`. (Data arriving meanwhile raises a new readiness event;
+/// a FIN keeps the socket readable, as closed states are never cleared.)
 fn pump(from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
     let mut buf = [0u8; READ_BUF];
     let carried = flow.carry_len;
     buf[..carried].copy_from_slice(&flow.carry[..carried]);
-    let n = match from.try_read(&mut buf[carried..]) {
-        Ok(0) => return Step::Eof,
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Moved,
-        Err(e) => return Step::ReadFailed(e),
+    let space = READ_BUF - carried;
+    let mut got = None;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(from)).read(&mut buf[carried..])?;
+        got = Some(n);
+        if n > 0 && n < space {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    let n = match (got, read) {
+        (Some(0), _) => return Step::Eof,
+        (Some(n), _) => n,
+        (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Step::Moved,
+        (None, Err(e)) => return Step::ReadFailed(e),
+        (None, Ok(())) => return Step::Moved,
     };
     flow.bytes += n as u64;
     let data = &buf[..carried + n];
@@ -246,54 +265,83 @@ fn flush_now(to: &TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Both upgraded connections of one proxied WebSocket, and what they hold.
+/// The backend half of one proxied WebSocket and everything the tunnel keeps:
+/// built before the client's upgrade completes, kept in one box that the relay
+/// works on in place. Nothing big is moved from one layer of the connection's
+/// future to the next, so nothing is stored twice in it.
 pub struct Tunnel<G> {
-    pub client: TcpStream,
-    /// Bytes the client sent right behind its upgrade request.
-    pub client_early: Bytes,
-    pub backend: TcpStream,
+    backend: TcpStream,
     /// Bytes the backend sent right behind its 101.
-    pub backend_early: Bytes,
-    pub limits: Limits,
-    /// Released when the backend connection is done with (count, permit...).
-    pub backend_guard: G,
+    backend_early: Bytes,
+    limits: Limits,
+    /// Released as soon as the backend side is done (its count, presence...).
+    guard: Option<G>,
     /// Message and byte counters; `None` with message metrics off.
-    pub meter: Option<Meter>,
+    meter: Option<Meter>,
+    /// Client to backend.
+    up: Flow,
+    /// Backend to client.
+    down: Flow,
 }
 
 impl<G> Tunnel<G> {
-    /// Relays until the connection ends, then closes both sockets.
-    pub async fn run(self, shutdown: CancellationToken) -> Outcome {
-        let Tunnel {
-            mut client,
-            client_early,
-            mut backend,
+    pub fn new(
+        backend: TcpStream,
+        backend_early: Bytes,
+        limits: Limits,
+        guard: G,
+        meter: Option<Meter>,
+    ) -> Box<Tunnel<G>> {
+        Box::new(Tunnel {
+            backend,
             backend_early,
             limits,
-            backend_guard,
-            mut meter,
-        } = self;
+            guard: Some(guard),
+            meter,
+            up: Flow::new(limits.max_message_size),
+            down: Flow::new(limits.max_message_size),
+        })
+    }
+
+    /// Relays between `client` (with the bytes it sent behind its upgrade request)
+    /// and the backend until the connection ends, then closes both sockets.
+    pub async fn run(
+        mut self: Box<Self>,
+        client: TcpStream,
+        client_early: Bytes,
+        shutdown: CancellationToken,
+    ) -> Outcome {
+        let backend_early = std::mem::take(&mut self.backend_early);
+        let t = &mut *self;
         let mut first_close = None;
-        let mut up = Flow::new(limits.max_message_size);
-        let mut down = Flow::new(limits.max_message_size);
-        let end = relay(
+        let end = match feed_early(
             &client,
             client_early,
-            &backend,
+            &t.backend,
             backend_early,
-            &mut up,
-            &mut down,
-            limits.idle_timeout,
-            &shutdown,
-            &mut meter,
-            &mut first_close,
-        )
-        .await;
-        if let Some(meter) = meter.as_mut() {
-            meter.add(&up, &down, Instant::now());
+            &mut t.up,
+            &mut t.down,
+        ) {
+            Some(end) => end,
+            None => {
+                relay(
+                    &client,
+                    &t.backend,
+                    &mut t.up,
+                    &mut t.down,
+                    t.limits.idle_timeout,
+                    &shutdown,
+                    &mut t.meter,
+                    &mut first_close,
+                )
+                .await
+            }
+        };
+        if let Some(meter) = t.meter.as_mut() {
+            meter.add(&t.up, &t.down, Instant::now());
         }
         if first_close.is_none() {
-            first_close = match (up.walker.close_code(), down.walker.close_code()) {
+            first_close = match (t.up.walker.close_code(), t.down.walker.close_code()) {
                 (Some(_), _) => Some(Side::Client),
                 (None, Some(_)) => Some(Side::Backend),
                 (None, None) => None,
@@ -302,50 +350,59 @@ impl<G> Tunnel<G> {
         let outcome = Outcome {
             end,
             first_close,
-            client_to_backend: up.tally(),
-            backend_to_client: down.tally(),
-        };
-        let (to_client, to_backend) = match end {
-            End::Closed => (None, None),
-            End::ClientGone => (None, Some(close_code::GOING_AWAY)),
-            End::BackendGone => (Some(close_code::BACKEND_GONE), None),
-            End::TooBig(_) => (
-                Some(close_code::MESSAGE_TOO_BIG),
-                Some(close_code::MESSAGE_TOO_BIG),
-            ),
-            End::Idle | End::Shutdown => {
-                (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
-            }
+            client_to_backend: t.up.tally(),
+            backend_to_client: t.down.tally(),
         };
         // After `Closed` both sides have sent and received FIN: nothing to close.
-        let backend_alive = !matches!(end, End::BackendGone | End::Closed);
-        let client_alive = !matches!(end, End::ClientGone | End::Closed);
-        let up = &mut up;
-        let down = &mut down;
-        let close_backend = async move {
-            if backend_alive {
-                let mask = fastrand::u32(..).to_be_bytes();
-                let closed = close_side(&mut backend, up, to_backend, Some(mask));
-                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
-                    tracing::debug!(error = %e, "backend gone while closing");
-                }
-            }
-            // The backend connection is over: release its count now, not after
-            // the client has finished closing.
-            drop(backend);
-            drop(backend_guard);
-        };
-        let close_client = async move {
-            if client_alive {
-                let closed = close_side(&mut client, down, to_client, None);
-                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
-                    tracing::debug!(error = %e, "client gone while closing");
-                }
-            }
-        };
-        tokio::join!(close_backend, close_client);
+        if end != End::Closed {
+            // Boxed: the closing steps take room only in the rare tunnel that is
+            // closing, not in every idle one.
+            Box::pin(finish(client, t, end)).await;
+        }
         outcome
     }
+}
+
+/// Closes both sides after `end`: close frames where they belong, FIN, then a
+/// bounded wait for each peer to close. The guard is released as soon as the
+/// backend side is done, not after the client has finished closing.
+async fn finish<G>(mut client: TcpStream, tunnel: &mut Tunnel<G>, end: End) {
+    let (to_client, to_backend) = match end {
+        End::Closed => (None, None),
+        End::ClientGone => (None, Some(close_code::GOING_AWAY)),
+        End::BackendGone => (Some(close_code::BACKEND_GONE), None),
+        End::TooBig(_) => (
+            Some(close_code::MESSAGE_TOO_BIG),
+            Some(close_code::MESSAGE_TOO_BIG),
+        ),
+        End::Idle | End::Shutdown => (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY)),
+    };
+    let Tunnel {
+        backend,
+        guard,
+        up,
+        down,
+        ..
+    } = tunnel;
+    let close_backend = async {
+        if end != End::BackendGone {
+            let mask = fastrand::u32(..).to_be_bytes();
+            let closed = close_side(backend, up, to_backend, Some(mask));
+            if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                tracing::debug!(error = %e, "backend gone while closing");
+            }
+        }
+        drop(guard.take());
+    };
+    let close_client = async {
+        if end != End::ClientGone {
+            let closed = close_side(&mut client, down, to_client, None);
+            if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                tracing::debug!(error = %e, "client gone while closing");
+            }
+        }
+    };
+    tokio::join!(close_backend, close_client);
 }
 
 /// Ends one side gracefully: writes what is pending, then a close frame with `code`
@@ -369,44 +426,46 @@ async fn close_side(
         stream.write_all(&frame[..len]).await?;
     }
     stream.shutdown().await?;
-    let mut sink = [0u8; 1024];
     loop {
         stream.readable().await?;
+        if drain_now(stream)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads and drops what is there; true at EOF.
+fn drain_now(stream: &TcpStream) -> io::Result<bool> {
+    let mut sink = [0u8; 4096];
+    loop {
         match stream.try_read(&mut sink) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(true),
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
     }
 }
 
-/// The relay loop proper; returns why it stopped. On `Closed` both sides have
-/// sent FIN and every byte was delivered.
-#[allow(clippy::too_many_arguments)]
-async fn relay(
+/// Bytes the HTTP layer read along with the handshake go through the walker like
+/// any other, first; they are dropped here, so the tunnel holds no HTTP buffer.
+fn feed_early(
     client: &TcpStream,
     client_early: Bytes,
     backend: &TcpStream,
     backend_early: Bytes,
     up: &mut Flow,
     down: &mut Flow,
-    idle_timeout: Duration,
-    shutdown: &CancellationToken,
-    meter: &mut Option<Meter>,
-    first_close: &mut Option<Side>,
-) -> End {
-    // Early bytes were read by the HTTP layer along with the handshake; they go
-    // through the walker like any other.
+) -> Option<End> {
     for (data, to, flow, side) in [
-        (&client_early, backend, &mut *up, Side::Client),
-        (&backend_early, client, &mut *down, Side::Backend),
+        (client_early, backend, &mut *up, Side::Client),
+        (backend_early, client, &mut *down, Side::Backend),
     ] {
         if data.is_empty() {
             continue;
         }
         flow.bytes += data.len() as u64;
-        let step = match flow.walker.walk(data) {
+        let step = match flow.walker.walk(&data) {
             Walk::Forward { held } => {
                 let end = data.len() - held;
                 flow.carry[..held].copy_from_slice(&data[end..]);
@@ -416,16 +475,49 @@ async fn relay(
             Walk::TooBig { at } => write_now(to, &data[..at], &mut flow.pending).map(|_| true),
         };
         match (step, side) {
-            (Ok(true), side) => return End::TooBig(side),
+            (Ok(true), side) => return Some(End::TooBig(side)),
             (Ok(false), _) => {}
-            (Err(_), Side::Client) => return End::BackendGone,
-            (Err(_), Side::Backend) => return End::ClientGone,
+            (Err(_), Side::Client) => return Some(End::BackendGone),
+            (Err(_), Side::Backend) => return Some(End::ClientGone),
         }
     }
+    None
+}
 
+/// What woke the relay.
+enum Event {
+    Shutdown,
+    Idle,
+    ClientReadable(io::Result<()>),
+    BackendReadable(io::Result<()>),
+    BackendWritable(io::Result<()>),
+    ClientWritable(io::Result<()>),
+}
+
+/// The relay loop proper; returns why it stopped. On `Closed` both sides have
+/// sent FIN and every byte was delivered.
+///
+/// It waits with `poll_*_ready` on the streams it owns (one waker slot each, no
+/// waiter list to join and leave per event) and a cancellation future pinned
+/// once, so an event costs the system calls that move the bytes and little else.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    up: &mut Flow,
+    down: &mut Flow,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+    meter: &mut Option<Meter>,
+    first_close: &mut Option<Side>,
+) -> End {
     let mut last_activity = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    // Which side is looked at first when both are readable, for fairness.
+    let mut client_first = true;
 
     loop {
         if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
@@ -445,10 +537,49 @@ async fn relay(
         }
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return End::Shutdown,
-            ready = client.readable(), if read_client => {
+        let flush_backend = !up.pending.is_empty();
+        let flush_client = !down.pending.is_empty();
+        client_first = !client_first;
+        let event = std::future::poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            for client_turn in [client_first, !client_first] {
+                if client_turn
+                    && read_client
+                    && let Poll::Ready(r) = client.poll_read_ready(cx)
+                {
+                    return Poll::Ready(Event::ClientReadable(r));
+                }
+                if !client_turn
+                    && read_backend
+                    && let Poll::Ready(r) = backend.poll_read_ready(cx)
+                {
+                    return Poll::Ready(Event::BackendReadable(r));
+                }
+            }
+            if flush_backend && let Poll::Ready(r) = backend.poll_write_ready(cx) {
+                return Poll::Ready(Event::BackendWritable(r));
+            }
+            if flush_client && let Poll::Ready(r) = client.poll_write_ready(cx) {
+                return Poll::Ready(Event::ClientWritable(r));
+            }
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Idle);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Shutdown => return End::Shutdown,
+            Event::Idle => {
+                let deadline = last_activity + idle_timeout;
+                if Instant::now() >= deadline {
+                    return End::Idle;
+                }
+                idle.as_mut().reset(deadline);
+            }
+            Event::ClientReadable(ready) => {
                 if ready.is_err() {
                     return End::ClientGone;
                 }
@@ -467,7 +598,7 @@ async fn relay(
                     Step::WriteFailed(e) => return gone(End::BackendGone, &e),
                 }
             }
-            ready = backend.readable(), if read_backend => {
+            Event::BackendReadable(ready) => {
                 if ready.is_err() {
                     return End::BackendGone;
                 }
@@ -486,22 +617,15 @@ async fn relay(
                     Step::WriteFailed(e) => return gone(End::ClientGone, &e),
                 }
             }
-            ready = backend.writable(), if !up.pending.is_empty() => {
+            Event::BackendWritable(ready) => {
                 if ready.is_err() || flush_now(backend, &mut up.pending).is_err() {
                     return End::BackendGone;
                 }
             }
-            ready = client.writable(), if !down.pending.is_empty() => {
+            Event::ClientWritable(ready) => {
                 if ready.is_err() || flush_now(client, &mut down.pending).is_err() {
                     return End::ClientGone;
                 }
-            }
-            () = &mut idle => {
-                let deadline = last_activity + idle_timeout;
-                if Instant::now() >= deadline {
-                    return End::Idle;
-                }
-                idle.as_mut().reset(deadline);
             }
         }
     }

@@ -27,7 +27,7 @@ use crate::metrics as m;
 use crate::presence::{self, PresenceEntry};
 use crate::relay::{End, Limits, Meter, Outcome, Side, Tunnel};
 use crate::state::State;
-use crate::upstream::{self, Answer};
+use crate::upstream::{self, Answer, Upgraded};
 
 /// What every connection task needs; cheap to clone.
 #[derive(Clone)]
@@ -206,7 +206,15 @@ async fn proxy(
             return handshake::plain(e.status(), &e.to_string());
         }
     };
-    let backend = upgraded.guard.backend().addr.to_string();
+    // Only what the tunnel needs goes into its task: the 101's headers are done
+    // with once the response is built.
+    let Upgraded {
+        stream: backend_stream,
+        early: backend_early,
+        head,
+        guard,
+    } = upgraded;
+    let backend = guard.backend().addr.to_string();
     span.record("backend", backend.as_str());
     count_upgrade(&pool.name, &backend, "ok");
     ::metrics::histogram!(m::UPGRADE_DURATION, "pool" => pool.name.clone())
@@ -221,46 +229,46 @@ async fn proxy(
             since: presence::now_ms(),
         })
     });
-    let response = handshake::switching_protocols(&upgraded.head);
+    let response = handshake::switching_protocols(&head);
+    drop(head);
     let limits = Limits {
         idle_timeout: pool.settings.idle_timeout,
         max_message_size: pool.settings.max_message_size,
     };
     let shutdown = shared.shutdown.clone();
     let meter = shared.message_metrics.then(|| Meter::new(&pool.name));
-    shared.tracker.spawn(
-        async move {
-            let client = match client_upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::debug!(error = %e, "client left during the upgrade");
-                    return;
-                }
-            };
-            let Ok(client) = client.downcast::<TokioIo<TcpStream>>() else {
-                tracing::error!("client connection of an unexpected type");
-                return;
-            };
-            tracing::debug!("tunnel open");
-            let tunnel = Tunnel {
-                client: client.io.into_inner(),
-                client_early: client.read_buf,
-                backend: upgraded.stream,
-                backend_early: upgraded.early,
-                limits,
-                backend_guard: (upgraded.guard, presence),
-                meter,
-            };
-            let opened = Instant::now();
-            let outcome = tunnel.run(shutdown).await;
-            drop(permit);
-            count_close(&pool.name, &outcome);
-            ::metrics::histogram!(m::CONNECTION_DURATION, "pool" => pool.name.clone())
-                .record(opened.elapsed().as_secs_f64());
-            tracing::debug!(?outcome, "tunnel closed");
-        }
-        .instrument(span),
+    let tunnel = Tunnel::new(
+        backend_stream,
+        backend_early,
+        limits,
+        (guard, presence),
+        meter,
     );
+    let task = async move {
+        let client = match client_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "client left during the upgrade");
+                return;
+            }
+        };
+        let Ok(client) = client.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("client connection of an unexpected type");
+            return;
+        };
+        tracing::debug!("tunnel open");
+        let opened = Instant::now();
+        let outcome = tunnel
+            .run(client.io.into_inner(), client.read_buf, shutdown)
+            .await;
+        drop(permit);
+        count_close(&pool.name, &outcome);
+        ::metrics::histogram!(m::CONNECTION_DURATION, "pool" => pool.name.clone())
+            .record(opened.elapsed().as_secs_f64());
+        tracing::debug!(?outcome, "tunnel closed");
+    }
+    .instrument(span);
+    shared.tracker.spawn(task);
     response
 }
 

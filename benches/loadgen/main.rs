@@ -1,0 +1,445 @@
+//! wsgate's WebSocket load generator and comparison. `benches/compare.sh` runs it:
+//! it starts echo backends, then in turn no proxy at all, a bare TCP relay (the
+//! floor), wsgate, HAProxy and NGINX in front of them on loopback, runs the same
+//! scenarios against each, reading each proxy's CPU time and RSS from /proc, and
+//! prints one table with the targets' ratios.
+//!
+//! Modes: `cargo bench --bench loadgen` (the comparison), `echo-server N` and
+//! `bare-relay LISTEN BACKEND...` (child processes of the comparison). Under
+//! `cargo test` it runs every scenario briefly against the bare relay and wsgate.
+
+mod bare_relay;
+mod scenarios;
+mod targets;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use scenarios::percentile;
+use targets::{Target, cpu_seconds, rss_bytes};
+
+/// How big each scenario is.
+#[derive(Clone, Copy)]
+struct Sizes {
+    latency_messages: usize,
+    window: Duration,
+    idle: [usize; 3],
+    throughput_conns: usize,
+}
+
+const FULL: Sizes = Sizes {
+    latency_messages: 20_000,
+    window: Duration::from_secs(5),
+    // The last: as many as a proxy's 20,000 open files allow at two per connection.
+    idle: [1_000, 5_000, 9_900],
+    throughput_conns: 200,
+};
+
+const SMOKE: Sizes = Sizes {
+    latency_messages: 200,
+    window: Duration::from_millis(300),
+    idle: [20, 40, 60],
+    throughput_conns: 20,
+};
+
+/// What one target measured.
+#[derive(Default, Clone)]
+struct Figures {
+    name: String,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    small_rate: f64,
+    small_cpu_us: Option<f64>,
+    big_mb_s: f64,
+    big_cpu_us: Option<f64>,
+    upgrades_rate: f64,
+    upgrade_cpu_us: Option<f64>,
+    /// (connections held, RSS in bytes) at each idle level.
+    idle: Vec<(usize, u64)>,
+    /// Bytes per idle connection, from the slope between the first and last level.
+    rss_per_conn: Option<f64>,
+}
+
+async fn measure(target: &Target, sizes: Sizes) -> Figures {
+    let addrs = &target.addrs;
+    let pid = target.pid();
+    let cpu = |pid: Option<u32>| pid.map(cpu_seconds);
+    let mut f = Figures {
+        name: target.name.to_string(),
+        ..Figures::default()
+    };
+
+    let lat = scenarios::latency(addrs, 50, sizes.latency_messages).await;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (f.p50, f.p99, f.p999) = (
+        us(percentile(&lat, 0.5)),
+        us(percentile(&lat, 0.99)),
+        us(percentile(&lat, 0.999)),
+    );
+
+    let before = cpu(pid);
+    let n = scenarios::throughput(addrs, sizes.throughput_conns, 8, 64, sizes.window).await;
+    f.small_rate = n as f64 / sizes.window.as_secs_f64();
+    f.small_cpu_us = before
+        .zip(cpu(pid))
+        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+
+    let before = cpu(pid);
+    let n = scenarios::throughput(addrs, 50, 2, 16 * 1024, sizes.window).await;
+    f.big_mb_s = n as f64 * 16384.0 / sizes.window.as_secs_f64() / 1e6;
+    f.big_cpu_us = before
+        .zip(cpu(pid))
+        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+
+    let before = cpu(pid);
+    let n = scenarios::upgrades(addrs, 32, sizes.window).await;
+    f.upgrades_rate = n as f64 / sizes.window.as_secs_f64();
+    f.upgrade_cpu_us = before
+        .zip(cpu(pid))
+        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+
+    if let Some(pid) = pid {
+        for level in sizes.idle {
+            let held = scenarios::open_many(addrs, level).await;
+            // Let the proxy finish its side of every handshake before reading.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            f.idle.push((held.len(), rss_bytes(pid)));
+            // Everything still answers while held.
+            let mut probe = held;
+            if let Some(ws) = probe.first_mut() {
+                ws.send(tokio_tungstenite::tungstenite::Message::text("ping"))
+                    .await
+                    .expect("probe");
+                let echo = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+                assert!(
+                    matches!(echo, Ok(Some(Ok(_)))),
+                    "{}: a held connection stopped answering",
+                    target.name
+                );
+            }
+            drop(probe);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if let (Some(first), Some(last)) = (f.idle.first(), f.idle.last())
+            && last.0 > first.0
+        {
+            f.rss_per_conn = Some((last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64);
+        }
+    }
+    f
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn table(all: &[Figures]) -> String {
+    let mut rows: Vec<(String, Vec<String>)> = vec![
+        (
+            "64 B latency p50 (µs)".into(),
+            all.iter().map(|f| format!("{:.0}", f.p50)).collect(),
+        ),
+        (
+            "64 B latency p99 (µs)".into(),
+            all.iter().map(|f| format!("{:.0}", f.p99)).collect(),
+        ),
+        (
+            "64 B latency p99.9 (µs)".into(),
+            all.iter().map(|f| format!("{:.0}", f.p999)).collect(),
+        ),
+        (
+            "64 B msgs/s (200 conns × 8)".into(),
+            all.iter().map(|f| format!("{:.0}", f.small_rate)).collect(),
+        ),
+        (
+            "CPU µs per 64 B msg".into(),
+            all.iter().map(|f| opt(f.small_cpu_us, 2)).collect(),
+        ),
+        (
+            "16 KiB MB/s (50 × 2)".into(),
+            all.iter().map(|f| format!("{:.0}", f.big_mb_s)).collect(),
+        ),
+        (
+            "CPU µs per 16 KiB msg".into(),
+            all.iter().map(|f| opt(f.big_cpu_us, 2)).collect(),
+        ),
+        (
+            "upgrades/s (32 at once)".into(),
+            all.iter()
+                .map(|f| format!("{:.0}", f.upgrades_rate))
+                .collect(),
+        ),
+        (
+            "CPU µs per upgrade".into(),
+            all.iter().map(|f| opt(f.upgrade_cpu_us, 1)).collect(),
+        ),
+    ];
+    let levels = all.iter().map(|f| f.idle.len()).max().unwrap_or(0);
+    for i in 0..levels {
+        rows.push((
+            format!("RSS MiB, idle level {}", i + 1),
+            all.iter()
+                .map(|f| {
+                    f.idle.get(i).map_or("-".into(), |(n, rss)| {
+                        format!("{:.1} @{n}", *rss as f64 / 1048576.0)
+                    })
+                })
+                .collect(),
+        ));
+    }
+    rows.push((
+        "RSS bytes per idle conn".into(),
+        all.iter().map(|f| opt(f.rss_per_conn, 0)).collect(),
+    ));
+    rows.push((
+        "projected RSS at 1M conns (GiB)".into(),
+        all.iter()
+            .map(|f| match (f.rss_per_conn, f.idle.first()) {
+                (Some(per), Some((n, rss))) => format!(
+                    "{:.2}",
+                    (*rss as f64 + per * (1e6 - *n as f64)) / 1073741824.0
+                ),
+                _ => "-".into(),
+            })
+            .collect(),
+    ));
+    let mut out = format!(
+        "| scenario | {} |\n|---|{}\n",
+        all.iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(all.len())
+    );
+    for (name, cells) in rows {
+        out.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
+    }
+    out
+}
+
+/// The targets' ratios, met or not.
+fn verdicts(all: &[Figures]) -> String {
+    let get = |name: &str| all.iter().find(|f| f.name == name);
+    let (Some(w), Some(d)) = (get("wsgate"), get("direct")) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let mut line = |what: String, value: Option<f64>, limit: f64, lower_is_better: bool| {
+        let verdict = match value {
+            Some(v) if (lower_is_better && v <= limit) || (!lower_is_better && v >= limit) => "met",
+            Some(_) => "NOT met",
+            None => "n/a",
+        };
+        out.push_str(&format!(
+            "- {what}: {} (target {} {limit}): {verdict}\n",
+            opt(value, 3),
+            if lower_is_better { "≤" } else { "≥" }
+        ));
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    if let Some(h) = get("haproxy") {
+        line(
+            "CPU per 64 B msg, wsgate / haproxy".into(),
+            ratio(w.small_cpu_us, h.small_cpu_us),
+            1.0,
+            true,
+        );
+        line(
+            "CPU per 16 KiB msg, wsgate / haproxy".into(),
+            ratio(w.big_cpu_us, h.big_cpu_us),
+            0.75,
+            true,
+        );
+        line(
+            "RSS per idle conn, wsgate / haproxy".into(),
+            ratio(w.rss_per_conn, h.rss_per_conn),
+            0.5,
+            true,
+        );
+        line(
+            "upgrades/s, wsgate / haproxy".into(),
+            Some(w.upgrades_rate / h.upgrades_rate),
+            1.0,
+            false,
+        );
+        line(
+            "CPU per upgrade, wsgate / haproxy".into(),
+            ratio(w.upgrade_cpu_us, h.upgrade_cpu_us),
+            1.0,
+            true,
+        );
+        let added = |f: &Figures| f.p99 - d.p99;
+        line(
+            format!(
+                "added p99 over direct, wsgate {:.0} µs vs haproxy {:.0} µs (ratio)",
+                added(w),
+                added(h)
+            ),
+            Some(added(w) / added(h).max(1.0)),
+            1.0,
+            true,
+        );
+    }
+    if let Some(b) = get("bare relay") {
+        line(
+            "CPU per 64 B msg, wsgate / bare relay".into(),
+            ratio(w.small_cpu_us, b.small_cpu_us),
+            1.15,
+            true,
+        );
+    }
+    out
+}
+
+fn echo_server(count: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for _ in 0..count {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            println!("{}", l.local_addr().expect("addr"));
+            listeners.push(l);
+        }
+        let mut tasks = Vec::new();
+        for listener in listeners {
+            tasks.push(tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                            return;
+                        };
+                        while let Some(Ok(m)) = ws.next().await {
+                            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+        bare_relay::run(listener, backends).await;
+    });
+}
+
+/// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
+fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]) -> Vec<Figures> {
+    let (_echo, backends) = targets::echo_servers();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut all = Vec::new();
+    type Start<'a> = Box<dyn Fn() -> Option<Target> + 'a>;
+    let starts: Vec<(&str, Start)> = vec![
+        ("direct", Box::new(|| Some(targets::direct(&backends)))),
+        (
+            "bare relay",
+            Box::new(|| Some(targets::bare_relay(&backends))),
+        ),
+        (
+            "wsgate",
+            Box::new(|| Some(targets::wsgate(wsgate_binary, &backends))),
+        ),
+        (
+            "haproxy",
+            Box::new(|| {
+                if with_others {
+                    targets::haproxy(&backends)
+                } else {
+                    None
+                }
+            }),
+        ),
+        (
+            "nginx",
+            Box::new(|| {
+                if with_others {
+                    targets::nginx(&backends)
+                } else {
+                    None
+                }
+            }),
+        ),
+    ];
+    for (name, start) in starts {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let Some(target) = start() else {
+            eprintln!("{name}: not installed, skipped");
+            continue;
+        };
+        eprintln!("measuring {name} ...");
+        all.push(runtime.block_on(measure(&target, sizes)));
+    }
+    all
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("echo-server") => {
+            echo_server(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(3));
+        }
+        Some("bare-relay") => {
+            let listen = args[1].parse().expect("listen address");
+            let backends = args[2..]
+                .iter()
+                .map(|a| a.parse().expect("backend address"))
+                .collect();
+            bare(listen, backends);
+        }
+        _ if args.iter().any(|a| a == "--bench") => {
+            let only: Vec<String> = args
+                .windows(2)
+                .filter(|w| w[0] == "--only")
+                .map(|w| w[1].replace('-', " "))
+                .collect();
+            let all = compare(FULL, env!("CARGO_BIN_EXE_wsgate"), true, &only);
+            println!("{}", table(&all));
+            println!("{}", verdicts(&all));
+        }
+        _ => {
+            // Under `cargo test`: every scenario, small, against the floor and wsgate.
+            let all = compare(SMOKE, env!("CARGO_BIN_EXE_wsgate"), false, &[]);
+            println!("{}", table(&all));
+            for f in &all {
+                assert!(
+                    f.small_rate > 0.0 && f.big_mb_s > 0.0 && f.upgrades_rate > 0.0,
+                    "{}",
+                    f.name
+                );
+                if f.name != "direct" {
+                    assert_eq!(
+                        f.idle.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                        SMOKE.idle.to_vec(),
+                        "{}",
+                        f.name
+                    );
+                }
+            }
+            assert_eq!(all.len(), 3);
+        }
+    }
+}
