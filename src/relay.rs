@@ -1,11 +1,12 @@
 //! The tunnel after the upgrade: one task owns both sockets and the guards, moves
 //! bytes both ways as they arrive, and ends the connection the WebSocket way.
 //!
-//! Memory: nothing is buffered while a connection is idle. A read goes into a buffer
-//! on the worker thread's stack inside a synchronous function, is walked and written
-//! at once; only bytes the receiver cannot take yet are copied to the heap, and that
+//! Memory: nothing is buffered while a connection is idle. A read goes into the
+//! worker thread's buffer inside a synchronous function, is walked and written at
+//! once; only bytes the receiver cannot take yet are copied to the heap, and that
 //! copy is freed as soon as it is written.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read};
 use std::task::Poll;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
 
-/// Stack buffer for one read: large enough to move a typical message in one go.
+/// Buffer for one read: large enough to move a typical message in one go.
 const READ_BUF: usize = 64 * 1024;
 
 /// How long the relay waits, once it has decided to close, for pending bytes and its
@@ -183,18 +184,27 @@ enum Step {
 }
 
 /// Reads once from `from`, walks and writes to `to` what it may; what `to` cannot
-/// take now goes to `flow.pending`. Synchronous, so its buffer lives on the stack,
-/// not in the connection's future.
+/// take now goes to `flow.pending`. Synchronous, so the borrowed buffer is never
+/// held across an await, nor stored in the connection's future.
 ///
 /// A read that does not fill the buffer took everything the socket had: its
 /// readiness is cleared right there, saving the read that would only have
 /// returned `WouldBlock`. (Data arriving meanwhile raises a new readiness event;
 /// a FIN keeps the socket readable, as closed states are never cleared.)
 fn pump(from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
-    let mut buf = [0u8; READ_BUF];
+    READ_BUFFER.with_borrow_mut(|buf| pump_with(buf, from, to, flow))
+}
+
+thread_local! {
+    /// One read buffer per worker thread, zeroed once: a read never pays for
+    /// clearing 64 KiB, and an idle connection holds none of it.
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
+}
+
+fn pump_with(buf: &mut [u8], from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
     let carried = flow.carry_len;
     buf[..carried].copy_from_slice(&flow.carry[..carried]);
-    let space = READ_BUF - carried;
+    let space = buf.len() - carried;
     let mut got = None;
     let read = from.try_io(Interest::READABLE, || {
         let n = (&*socket2::SockRef::from(from)).read(&mut buf[carried..])?;
@@ -436,9 +446,12 @@ async fn close_side(
 
 /// Reads and drops what is there; true at EOF.
 fn drain_now(stream: &TcpStream) -> io::Result<bool> {
-    let mut sink = [0u8; 4096];
+    READ_BUFFER.with_borrow_mut(|sink| drain_into(sink, stream))
+}
+
+fn drain_into(sink: &mut [u8], stream: &TcpStream) -> io::Result<bool> {
     loop {
-        match stream.try_read(&mut sink) {
+        match stream.try_read(sink) {
             Ok(0) => return Ok(true),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

@@ -402,6 +402,39 @@ fn main() {
         Some("echo-server") => {
             echo_server(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(3));
         }
+        // One scenario against a running proxy, for profiling it:
+        // `cargo bench --bench loadgen -- upgrades 127.0.0.1:8080 10`.
+        Some(scenario @ ("upgrades" | "throughput" | "latency")) => {
+            let addr: SocketAddr = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .expect("target address");
+            let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+            let window = Duration::from_secs(seconds);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let report = runtime.block_on(async {
+                match scenario {
+                    "upgrades" => format!(
+                        "{:.0} upgrades/s",
+                        scenarios::upgrades(&[addr], 32, window).await as f64
+                            / window.as_secs_f64()
+                    ),
+                    "throughput" => format!(
+                        "{:.0} msgs/s",
+                        scenarios::throughput(&[addr], 200, 8, 64, window).await as f64
+                            / window.as_secs_f64()
+                    ),
+                    _ => format!(
+                        "p99 {:?}",
+                        percentile(&scenarios::latency(&[addr], 50, 20_000).await, 0.99)
+                    ),
+                }
+            });
+            println!("{report}");
+        }
         Some("bare-relay") => {
             let listen = args[1].parse().expect("listen address");
             let backends = args[2..]
