@@ -604,7 +604,10 @@ async fn relay(
                         if up.walker.close_code().is_none() {
                             return End::ClientGone;
                         }
-                        shutdown_write(backend);
+                        // With both sides done, closing the sockets sends the FIN.
+                        if !down.eof {
+                            shutdown_write(backend);
+                        }
                     }
                     Step::TooBig => return End::TooBig(Side::Client),
                     Step::ReadFailed(e) => return gone(End::ClientGone, &e),
@@ -623,7 +626,9 @@ async fn relay(
                         if down.walker.close_code().is_none() {
                             return End::BackendGone;
                         }
-                        shutdown_write(client);
+                        if !up.eof {
+                            shutdown_write(client);
+                        }
                     }
                     Step::TooBig => return End::TooBig(Side::Backend),
                     Step::ReadFailed(e) => return gone(End::BackendGone, &e),
