@@ -29,8 +29,8 @@ struct Sizes {
 }
 
 const FULL: Sizes = Sizes {
-    latency_messages: 20_000,
-    window: Duration::from_secs(5),
+    latency_messages: 30_000,
+    window: Duration::from_secs(3),
     // The last: as many as a proxy's 20,000 open files allow at two per connection.
     idle: [1_000, 5_000, 9_900],
     throughput_conns: 200,
@@ -62,53 +62,115 @@ struct Figures {
     rss_per_conn: Option<f64>,
 }
 
-async fn measure(target: &Target, sizes: Sizes) -> Figures {
-    let addrs = &target.addrs;
-    let pid = target.pid();
-    let cpu = |pid: Option<u32>| pid.map(cpu_seconds);
-    let mut f = Figures {
-        name: target.name.to_string(),
-        ..Figures::default()
-    };
+/// Rounds of each scenario: targets take turns within a round, so slow phases of a
+/// noisy machine fall on all of them alike; rates are medians over rounds, CPU
+/// figures the total CPU over the total count.
+const ROUNDS: usize = 3;
 
-    let lat = scenarios::latency(addrs, 50, sizes.latency_messages).await;
+/// Runs `scenario` on every target, round after round; returns per target the
+/// counts per round and the CPU seconds spent over all rounds.
+async fn rounds<F, Fut>(targets: &[Target], scenario: F) -> Vec<(Vec<u64>, Option<f64>)>
+where
+    F: Fn(Vec<SocketAddr>) -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut out: Vec<(Vec<u64>, Option<f64>)> = targets
+        .iter()
+        .map(|t| (Vec::new(), t.pid().map(|_| 0.0)))
+        .collect();
+    for _ in 0..ROUNDS {
+        for (i, target) in targets.iter().enumerate() {
+            let before = target.pid().map(cpu_seconds);
+            let n = scenario(target.addrs.clone()).await;
+            let after = target.pid().map(cpu_seconds);
+            out[i].0.push(n);
+            if let (Some(total), Some(b), Some(a)) = (out[i].1.as_mut(), before, after) {
+                *total += a - b;
+            }
+        }
+    }
+    out
+}
+
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0) as f64
+}
+
+fn per_unit_us(cpu: Option<f64>, counts: &[u64]) -> Option<f64> {
+    cpu.map(|c| c * 1e6 / counts.iter().sum::<u64>().max(1) as f64)
+}
+
+async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
+    let mut all: Vec<Figures> = targets
+        .iter()
+        .map(|t| Figures {
+            name: t.name.to_string(),
+            ..Figures::default()
+        })
+        .collect();
+    let window = sizes.window;
+
+    eprintln!("latency ...");
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    for _ in 0..ROUNDS {
+        for (i, target) in targets.iter().enumerate() {
+            samples[i].extend(
+                scenarios::latency(&target.addrs, 50, sizes.latency_messages / ROUNDS).await,
+            );
+        }
+    }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    (f.p50, f.p99, f.p999) = (
-        us(percentile(&lat, 0.5)),
-        us(percentile(&lat, 0.99)),
-        us(percentile(&lat, 0.999)),
-    );
+    for (f, mut lat) in all.iter_mut().zip(samples) {
+        lat.sort();
+        (f.p50, f.p99, f.p999) = (
+            us(percentile(&lat, 0.5)),
+            us(percentile(&lat, 0.99)),
+            us(percentile(&lat, 0.999)),
+        );
+    }
 
-    let before = cpu(pid);
-    let n = scenarios::throughput(addrs, sizes.throughput_conns, 8, 64, sizes.window).await;
-    f.small_rate = n as f64 / sizes.window.as_secs_f64();
-    f.small_cpu_us = before
-        .zip(cpu(pid))
-        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+    eprintln!("64 B throughput ...");
+    let conns = sizes.throughput_conns;
+    let small = rounds(targets, |a| async move {
+        scenarios::throughput(&a, conns, 8, 64, window).await
+    })
+    .await;
+    for (f, (counts, cpu)) in all.iter_mut().zip(small) {
+        f.small_cpu_us = per_unit_us(cpu, &counts);
+        f.small_rate = median(counts) / window.as_secs_f64();
+    }
 
-    let before = cpu(pid);
-    let n = scenarios::throughput(addrs, 50, 2, 16 * 1024, sizes.window).await;
-    f.big_mb_s = n as f64 * 16384.0 / sizes.window.as_secs_f64() / 1e6;
-    f.big_cpu_us = before
-        .zip(cpu(pid))
-        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+    eprintln!("16 KiB throughput ...");
+    let big = rounds(targets, |a| async move {
+        scenarios::throughput(&a, 50, 2, 16 * 1024, window).await
+    })
+    .await;
+    for (f, (counts, cpu)) in all.iter_mut().zip(big) {
+        f.big_cpu_us = per_unit_us(cpu, &counts);
+        f.big_mb_s = median(counts) * 16384.0 / window.as_secs_f64() / 1e6;
+    }
 
-    let before = cpu(pid);
-    let n = scenarios::upgrades(addrs, 32, sizes.window).await;
-    f.upgrades_rate = n as f64 / sizes.window.as_secs_f64();
-    f.upgrade_cpu_us = before
-        .zip(cpu(pid))
-        .map(|(a, b)| (b - a) * 1e6 / n.max(1) as f64);
+    eprintln!("upgrades ...");
+    let ups = rounds(targets, |a| async move {
+        scenarios::upgrades(&a, 32, window).await
+    })
+    .await;
+    for (f, (counts, cpu)) in all.iter_mut().zip(ups) {
+        f.upgrade_cpu_us = per_unit_us(cpu, &counts);
+        f.upgrades_rate = median(counts) / window.as_secs_f64();
+    }
 
-    if let Some(pid) = pid {
+    for (f, target) in all.iter_mut().zip(targets) {
+        let Some(pid) = target.pid() else { continue };
+        eprintln!("idle connections through {} ...", target.name);
         for level in sizes.idle {
-            let held = scenarios::open_many(addrs, level).await;
+            let mut held = scenarios::open_many(&target.addrs, level).await;
             // Let the proxy finish its side of every handshake before reading.
             tokio::time::sleep(Duration::from_millis(500)).await;
             f.idle.push((held.len(), rss_bytes(pid)));
             // Everything still answers while held.
-            let mut probe = held;
-            if let Some(ws) = probe.first_mut() {
+            if let Some(ws) = held.first_mut() {
                 ws.send(tokio_tungstenite::tungstenite::Message::text("ping"))
                     .await
                     .expect("probe");
@@ -119,7 +181,7 @@ async fn measure(target: &Target, sizes: Sizes) -> Figures {
                     target.name
                 );
             }
-            drop(probe);
+            drop(held);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         if let (Some(first), Some(last)) = (f.idle.first(), f.idle.last())
@@ -128,7 +190,7 @@ async fn measure(target: &Target, sizes: Sizes) -> Figures {
             f.rss_per_conn = Some((last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64);
         }
     }
-    f
+    all
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -343,13 +405,13 @@ fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
 }
 
 /// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
+/// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
 fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]) -> Vec<Figures> {
     let (_echo, backends) = targets::echo_servers();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let mut all = Vec::new();
     type Start<'a> = Box<dyn Fn() -> Option<Target> + 'a>;
     let starts: Vec<(&str, Start)> = vec![
         ("direct", Box::new(|| Some(targets::direct(&backends)))),
@@ -382,18 +444,17 @@ fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]
             }),
         ),
     ];
+    let mut running = Vec::new();
     for (name, start) in starts {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let Some(target) = start() else {
-            eprintln!("{name}: not installed, skipped");
-            continue;
-        };
-        eprintln!("measuring {name} ...");
-        all.push(runtime.block_on(measure(&target, sizes)));
+        match start() {
+            Some(target) => running.push(target),
+            None => eprintln!("{name}: not installed, skipped"),
+        }
     }
-    all
+    runtime.block_on(measure(&running, sizes))
 }
 
 fn main() {
