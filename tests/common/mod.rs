@@ -610,6 +610,11 @@ impl ProxyProcess {
     /// Runs `wsgate run` on a config text (its `[server] listen` is port 0) and
     /// waits, by reading its log, until it listens.
     pub async fn start(config: &str) -> ProxyProcess {
+        ProxyProcess::start_limited(config, None).await
+    }
+
+    /// As `start`, with the open-files limit of the process set to `fd_limit`.
+    pub async fn start_limited(config: &str, fd_limit: Option<u32>) -> ProxyProcess {
         use tokio::io::AsyncBufReadExt;
         let dir = std::env::temp_dir().join(format!(
             "wsgate-proc-{}-{}",
@@ -623,10 +628,13 @@ impl ProxyProcess {
             format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}"),
         )
         .expect("config");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .arg("run")
-            .arg("--config")
+        let limit = fd_limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+        let mut child = tokio::process::Command::new("bash")
+            .arg("-c")
+            .arg("[ \"$2\" = unlimited ] || ulimit -n \"$2\"; exec \"$0\" run --config \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_wsgate"))
             .arg(&path)
+            .arg(limit)
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
