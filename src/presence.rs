@@ -235,12 +235,6 @@ impl Presence {
             .map(|(u, e)| (u.clone(), e.len()))
             .collect()
     }
-
-    /// Users and connections in this instance's table.
-    pub fn totals(&self) -> (usize, usize) {
-        let table = self.lock();
-        (table.users.len(), table.users.values().map(Vec::len).sum())
-    }
 }
 
 fn push_event(table: &mut Table, kind: EventKind, entry: PresenceEntry) {
@@ -326,7 +320,7 @@ mod tests {
         assert_eq!(changes.users, vec![("ada".to_string(), vec![])]);
         let kinds: Vec<_> = changes.events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, vec![EventKind::Leave, EventKind::Leave]);
-        assert_eq!(presence.totals(), (0, 0));
+        assert!(presence.per_user().is_empty());
         let json = serde_json::to_string(&changes.events[0]).unwrap();
         assert!(
             json.starts_with("{\"type\":\"leave\",\"user\":\"ada\""),

@@ -100,9 +100,23 @@ async fn backends_and_presence_match_the_state() {
     ))
     .await;
     let admin = proxy.admin.unwrap();
+    let mut events = proxy.gateway.cluster().subscribe();
     let _ada1 = connect(&proxy.url("/ws?user=ada")).await;
     let _ada2 = connect(&proxy.url("/ws?user=ada")).await;
     let _bob = connect(&proxy.url("/ws?user=bob")).await;
+
+    // Without Redis, join events reach in-process subscribers.
+    let mut joined = Vec::new();
+    for _ in 0..3 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("event");
+        assert_eq!(event.kind, wsgate::presence::EventKind::Join);
+        joined.push(event.entry.user);
+    }
+    joined.sort();
+    assert_eq!(joined, vec!["ada", "ada", "bob"]);
 
     let (status, body) = http_get(admin, "/backends", "").await;
     assert_eq!(status, 200);
