@@ -132,24 +132,30 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Copies end-to-end headers: drops hop-by-hop ones, those the `Connection` header
-/// names, and `Upgrade` (set again by the caller where it belongs).
-fn end_to_end(from: &HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    let mut out = HeaderMap::with_capacity(from.len() + 4);
-    for (name, value) in from {
-        if HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name) {
-            continue;
+/// Keeps only end-to-end headers, in place: drops hop-by-hop ones, those the
+/// `Connection` header names, and `Upgrade` (set again by the caller where it
+/// belongs). The usual `Connection: Upgrade` names nothing else and costs no
+/// allocation.
+fn keep_end_to_end(headers: &mut HeaderMap) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            let standard = ["upgrade", "keep-alive", "close", ""]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t));
+            if !standard && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
         }
-        out.append(name.clone(), value.clone());
     }
-    out
+    for name in HOP_BY_HOP
+        .iter()
+        .chain(named.iter())
+        .chain([&header::UPGRADE])
+    {
+        headers.remove(name);
+    }
 }
 
 fn set_upgrade(headers: &mut HeaderMap) {
@@ -181,12 +187,14 @@ pub const USER_HEADER: &str = "x-wsgate-user";
 /// headers (subprotocols, extensions, cookies...), plus X-Forwarded-* and, when the
 /// route has an identity, X-Wsgate-User.
 pub fn backend_request<B>(
-    req: &Request<B>,
+    req: &mut Request<B>,
     peer: SocketAddr,
     proto: &'static str,
     user: Option<&str>,
 ) -> Request<Empty<Bytes>> {
-    let mut headers = end_to_end(req.headers());
+    // The client's request is done with: its headers move, they are not copied.
+    let mut headers = std::mem::take(req.headers_mut());
+    keep_end_to_end(&mut headers);
     headers.remove(USER_HEADER);
     if let Some(v) = user.and_then(|u| HeaderValue::from_str(u).ok()) {
         headers.insert(HeaderName::from_static(USER_HEADER), v);
@@ -194,7 +202,7 @@ pub fn backend_request<B>(
     set_upgrade(&mut headers);
     let xff = header::HeaderName::from_static("x-forwarded-for");
     let peer_ip = peer.ip().to_string();
-    let forwarded_for = match req.headers().get(&xff).and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {peer_ip}"),
         None => peer_ip,
     };
@@ -205,26 +213,29 @@ pub fn backend_request<B>(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
     );
-    if let Some(host) = req.headers().get(header::HOST) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_string();
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
     let mut out = Request::new(Empty::new());
-    *out.uri_mut() = target.parse().unwrap_or_default();
+    *out.uri_mut() = http::Uri::from_parts(target).unwrap_or_default();
     *out.headers_mut() = headers;
     out
 }
 
 /// The 101 returned to the client: the backend's headers (Sec-WebSocket-Accept,
 /// -Protocol, -Extensions, cookies...) less hop-by-hop ones.
-pub fn switching_protocols(backend: &http::response::Parts) -> Response<Full<Bytes>> {
+pub fn switching_protocols(backend: http::response::Parts) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::default());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = end_to_end(&backend.headers);
+    let mut headers = backend.headers;
+    keep_end_to_end(&mut headers);
     set_upgrade(&mut headers);
     *response.headers_mut() = headers;
     response
@@ -234,7 +245,8 @@ pub fn switching_protocols(backend: &http::response::Parts) -> Response<Full<Byt
 pub fn passthrough(backend: http::response::Parts, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = backend.status;
-    let mut headers = end_to_end(&backend.headers);
+    let mut headers = backend.headers;
+    keep_end_to_end(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
     *response.headers_mut() = headers;
     response
@@ -293,16 +305,25 @@ mod tests {
 
     #[test]
     fn forwards_end_to_end_headers_only() {
-        let req = upgrade()
-            .header("sec-websocket-protocol", "chat, superchat")
-            .header("sec-websocket-extensions", "permessage-deflate")
-            .header("cookie", "a=1")
-            .header("keep-alive", "timeout=5")
-            .header("x-forwarded-for", "10.1.1.1")
-            .header("x-wsgate-user", "spoofed")
-            .body(())
-            .unwrap();
-        let out = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http", Some("ada"));
+        let build = || {
+            upgrade()
+                .header("sec-websocket-protocol", "chat, superchat")
+                .header("sec-websocket-extensions", "permessage-deflate")
+                .header("cookie", "a=1")
+                .header("keep-alive", "timeout=5")
+                .header("x-forwarded-for", "10.1.1.1")
+                .header("x-wsgate-user", "spoofed")
+                .header("connection", "x-secret")
+                .header("x-secret", "hop")
+                .body(())
+                .unwrap()
+        };
+        let out = backend_request(
+            &mut build(),
+            "127.0.0.9:5000".parse().unwrap(),
+            "http",
+            Some("ada"),
+        );
         let h = out.headers();
         assert_eq!(out.uri(), "/chat?room=1");
         assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
@@ -316,7 +337,13 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h["x-wsgate-user"], "ada");
-        let anonymous = backend_request(&req, "127.0.0.9:5000".parse().unwrap(), "http", None);
+        assert!(h.get("x-secret").is_none());
+        let anonymous = backend_request(
+            &mut build(),
+            "127.0.0.9:5000".parse().unwrap(),
+            "http",
+            None,
+        );
         assert!(anonymous.headers().get("x-wsgate-user").is_none());
     }
 }

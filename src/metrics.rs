@@ -99,6 +99,22 @@ fn describe() {
     );
 }
 
+/// A pool's duration histograms.
+#[derive(Debug)]
+pub struct PoolHistograms {
+    pub upgrade: metrics::Histogram,
+    pub connection: metrics::Histogram,
+}
+
+impl PoolHistograms {
+    pub fn of(pool: &crate::balancer::Pool) -> &PoolHistograms {
+        pool.histograms.get_or_init(|| PoolHistograms {
+            upgrade: metrics::histogram!(UPGRADE_DURATION, "pool" => pool.name.clone()),
+            connection: metrics::histogram!(CONNECTION_DURATION, "pool" => pool.name.clone()),
+        })
+    }
+}
+
 /// The `code` label of a close code: standard codes as themselves, application
 /// ranges as a range, anything else as `invalid`.
 pub fn close_code_label(code: Option<u16>) -> &'static str {

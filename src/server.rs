@@ -186,7 +186,7 @@ async fn proxy(
         backend = tracing::field::Empty,
     );
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let request = handshake::backend_request(&req, peer, "http", user.as_deref());
+    let request = handshake::backend_request(&mut req, peer, "http", user.as_deref());
     let mut rng = fastrand::Rng::new();
     let answer = upstream::open(&pool, request, &mut rng)
         .instrument(span.clone())
@@ -216,8 +216,13 @@ async fn proxy(
     } = upgraded;
     let backend = guard.backend().addr.to_string();
     span.record("backend", backend.as_str());
-    count_upgrade(&pool.name, &backend, "ok");
-    ::metrics::histogram!(m::UPGRADE_DURATION, "pool" => pool.name.clone())
+    guard
+        .backend()
+        .upgrades_ok
+        .get_or_init(|| upgrade_counter(&pool.name, &backend, "ok"))
+        .increment(1);
+    m::PoolHistograms::of(&pool)
+        .upgrade
         .record(started.elapsed().as_secs_f64());
     let presence = user.map(|user| {
         shared.cluster.presence().join(PresenceEntry {
@@ -229,8 +234,7 @@ async fn proxy(
             since: presence::now_ms(),
         })
     });
-    let response = handshake::switching_protocols(&head);
-    drop(head);
+    let response = handshake::switching_protocols(head);
     let limits = Limits {
         idle_timeout: pool.settings.idle_timeout,
         max_message_size: pool.settings.max_message_size,
@@ -263,7 +267,8 @@ async fn proxy(
             .await;
         drop(permit);
         count_close(&pool.name, &outcome);
-        ::metrics::histogram!(m::CONNECTION_DURATION, "pool" => pool.name.clone())
+        m::PoolHistograms::of(&pool)
+            .connection
             .record(opened.elapsed().as_secs_f64());
         tracing::debug!(?outcome, "tunnel closed");
     }
@@ -272,14 +277,17 @@ async fn proxy(
     response
 }
 
-fn count_upgrade(pool: &str, backend: &str, result: &'static str) {
+fn upgrade_counter(pool: &str, backend: &str, result: &'static str) -> ::metrics::Counter {
     ::metrics::counter!(
         m::UPGRADES,
         "pool" => pool.to_string(),
         "backend" => backend.to_string(),
         "result" => result,
     )
-    .increment(1);
+}
+
+fn count_upgrade(pool: &str, backend: &str, result: &'static str) {
+    upgrade_counter(pool, backend, result).increment(1);
 }
 
 /// One count per ended tunnel: who started the close and with which code.
