@@ -272,3 +272,23 @@ async fn backends_resubscribe_after_a_redis_restart() {
     }
     assert!(delivered, "delivery never resumed after the restart");
 }
+
+#[tokio::test]
+async fn the_room_is_the_last_path_segment_whatever_the_route() {
+    let relays = relays(None, options).await;
+    // The proxy routes /rooms; the backend reads the room from the last segment.
+    let (mut a, _) = join(&relays, "lobby", "a").await;
+    let listener_addr = relays.proxy.addr;
+    for path in ["/rooms/x/lobby", "/rooms/v1/lobby/"] {
+        let mut ws = connect(&format!("ws://{listener_addr}{path}?user=b")).await;
+        let welcome = expect_kind(&mut ws, "welcome").await;
+        assert_eq!(welcome["room"], "lobby", "{path}");
+        ws.send(Message::text(format!("from {path}")))
+            .await
+            .expect("send");
+        assert_eq!(
+            expect_kind(&mut a, "message").await["text"],
+            format!("from {path}")
+        );
+    }
+}

@@ -2,8 +2,9 @@
 //! message a client sends is published on its room's channel; every backend with
 //! members in that room delivers it to them.
 //!
-//! Protocol, on `ws://HOST/rooms/NAME` (user from the `X-Wsgate-User` header that
-//! wsgate forwards, else `?user=`, else `anon-N`):
+//! Protocol, on `ws://HOST/rooms/NAME` or any path ending in the room's name (user
+//! from the `X-Wsgate-User` header that wsgate forwards, else `?user=`, else
+//! `anon-N`):
 //! - server → client, JSON text: `{"type":"welcome","backend","room","user"}` once
 //!   joined; `{"type":"message","room","from","origin","seq","text"}` for each text
 //!   message of the room (the sender's own included, once, unless `echo` is off);
@@ -247,12 +248,18 @@ impl RelayBackend {
                 handshake::plain(StatusCode::SERVICE_UNAVAILABLE, "pub/sub unavailable")
             };
         }
+        // The room is the last path segment, whatever prefix the proxy routes:
+        // /rooms/lobby, /ws/lobby and /chat/v1/lobby all join "lobby".
         let Some(room) = path
-            .strip_prefix("/rooms/")
+            .rsplit('/')
+            .find(|segment| !segment.is_empty())
             .filter(|r| valid(r))
             .map(str::to_string)
         else {
-            return handshake::plain(StatusCode::NOT_FOUND, "rooms are at /rooms/NAME");
+            return handshake::plain(
+                StatusCode::NOT_FOUND,
+                "join a room at /rooms/NAME (any path ending in the room's name)",
+            );
         };
         if let Err(rejection) = handshake::validate(&req) {
             return rejection.response();
