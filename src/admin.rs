@@ -3,14 +3,12 @@
 //! token.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,39 +31,11 @@ pub struct Admin {
 
 /// Serves admin requests on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "admin listening");
-    }
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    crate::server::serve_http(listener, stop, "admin", move |req| {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10));
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
-        });
-    }
+        async move { admin.handle(req).await }
+    })
+    .await
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {

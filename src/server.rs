@@ -317,3 +317,50 @@ fn count_close(pool: &str, outcome: &Outcome) {
     )
     .increment(1);
 }
+
+/// Serves plain HTTP/1.1 (upgrades allowed) on `listener` until `stop`, answering
+/// each request with `handle`: for the admin listener and the relay backend, which
+/// need none of the proxy's accept-time limits.
+pub async fn serve_http<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "{what} listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let answer = handle(req);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "{what}: connection ended with an error");
+            }
+        });
+    }
+}

@@ -21,7 +21,6 @@ pub mod broker;
 pub mod demo;
 
 use std::collections::{BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -202,37 +201,13 @@ impl RelayBackend {
 
     /// Serves HTTP and WebSocket upgrades on `listener` until `shutdown`.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(id = %self.id(), %addr, "relay backend listening");
-        }
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let backend = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let backend = backend.clone();
-                    let shutdown = shutdown.clone();
-                    async move { Ok::<_, Infallible>(backend.handle(req, shutdown)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
-        }
+        tracing::info!(id = %self.id(), "relay backend starting");
+        let stop = shutdown.clone();
+        crate::server::serve_http(listener, stop, "relay backend", move |req| {
+            let response = self.handle(req, shutdown.clone());
+            async move { response }
+        })
+        .await
     }
 
     fn handle(
