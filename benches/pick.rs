@@ -4,11 +4,10 @@
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wsgate::balancer::Pool;
-use wsgate::config::{BackendAddr, BackendConfig, PoolConfig, defaults};
+use wsgate::config::{BackendAddr, BackendConfig, PoolConfig};
 use wsgate::frame::{Walk, Walker, encode};
 
 fn pool(n: usize) -> Pool {
@@ -19,15 +18,7 @@ fn pool(n: usize) -> Pool {
             weight: NonZeroU32::new(1 + (i % 3) as u32).expect("weight"),
         })
         .collect();
-    let settings = PoolConfig {
-        backends,
-        connect_timeout: Duration::from_secs(1),
-        handshake_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(1),
-        max_message_size: defaults::MAX_MESSAGE_SIZE,
-        retries: defaults::RETRIES,
-        health: None,
-    };
+    let settings = PoolConfig::with_backends(backends);
     Pool::new("bench", &settings, None)
 }
 

@@ -209,9 +209,7 @@ fn compare_load(a: &Backend, b: &Backend) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::defaults;
     use std::num::NonZeroU32;
-    use std::time::Duration;
 
     fn pool(weights: &[u32]) -> Pool {
         let backends = weights
@@ -222,15 +220,7 @@ mod tests {
                 weight: NonZeroU32::new(*w).unwrap(),
             })
             .collect();
-        let settings = PoolConfig {
-            backends,
-            connect_timeout: Duration::from_secs(1),
-            handshake_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            max_message_size: defaults::MAX_MESSAGE_SIZE,
-            retries: defaults::RETRIES,
-            health: None,
-        };
+        let settings = PoolConfig::with_backends(backends);
         Pool::new("p", &settings, None)
     }
 

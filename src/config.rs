@@ -181,6 +181,21 @@ pub struct PoolConfig {
     pub health: Option<HealthConfig>,
 }
 
+impl PoolConfig {
+    /// A pool of `backends` with every other setting at its default.
+    pub fn with_backends(backends: Vec<BackendConfig>) -> PoolConfig {
+        PoolConfig {
+            backends,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            handshake_timeout: defaults::BACKEND_HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+            retries: defaults::RETRIES,
+            health: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub addr: BackendAddr,

@@ -10,6 +10,18 @@ use futures_util::SinkExt;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
+/// One upgrade through the proxy, given up after 2 s.
+async fn try_connect(proxy: &ProxyProcess) -> Option<Ws> {
+    let attempt = timeout(Duration::from_secs(2), async {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.ok()?;
+        tokio_tungstenite::client_async(proxy.url("/ws"), tcp)
+            .await
+            .ok()
+    })
+    .await;
+    attempt.ok().flatten().map(|(ws, _)| ws)
+}
+
 #[tokio::test]
 async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
     let backend = EchoBackend::start().await;
@@ -25,16 +37,9 @@ async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
     let mut held = Vec::new();
     let mut failed = 0;
     for _ in 0..60 {
-        let attempt = timeout(Duration::from_secs(2), async {
-            let tcp = tokio::net::TcpStream::connect(proxy.addr).await.ok()?;
-            tokio_tungstenite::client_async(proxy.url("/ws"), tcp)
-                .await
-                .ok()
-        })
-        .await;
-        match attempt {
-            Ok(Some((ws, _))) => held.push(ws),
-            _ => failed += 1,
+        match try_connect(&proxy).await {
+            Some(ws) => held.push(ws),
+            None => failed += 1,
         }
         if failed >= 3 {
             break;
@@ -67,14 +72,7 @@ async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
     }
     let mut again = None;
     for _ in 0..50 {
-        let attempt = timeout(Duration::from_secs(2), async {
-            let tcp = tokio::net::TcpStream::connect(proxy.addr).await.ok()?;
-            tokio_tungstenite::client_async(proxy.url("/ws"), tcp)
-                .await
-                .ok()
-        })
-        .await;
-        if let Ok(Some((ws, _))) = attempt {
+        if let Some(ws) = try_connect(&proxy).await {
             again = Some(ws);
             break;
         }
