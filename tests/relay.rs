@@ -18,6 +18,7 @@ use wsgate::backend::{Options, RelayBackend};
 
 struct Relays {
     backends: Vec<RelayBackend>,
+    addrs: Vec<std::net::SocketAddr>,
     proxy: Proxy,
     _stop: tokio_util::sync::DropGuard,
 }
@@ -50,6 +51,7 @@ async fn relays(redis: Option<&str>, options: impl Fn(usize) -> Options) -> Rela
     );
     Relays {
         backends,
+        addrs: addrs.iter().map(|(a, _)| *a).collect(),
         proxy: Proxy::start(&config).await,
         _stop: stop.drop_guard(),
     }
@@ -253,8 +255,32 @@ async fn backends_resubscribe_after_a_redis_restart() {
     a.send(Message::text("before")).await.expect("send");
     assert_eq!(expect_kind(&mut b, "message").await["text"], "before");
 
+    // GET /health follows Redis: 200, then 503 while it is gone, then 200 again.
+    let health = |expected: u16| {
+        let addrs = relays.addrs.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut all = true;
+                for addr in &addrs {
+                    all &= http_get(*addr, "/health", "").await.0 == expected;
+                }
+                if all {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "GET /health never answered {expected} everywhere"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    health(200).await;
     redis.kill().await;
+    health(503).await;
     redis.restart().await;
+    health(200).await;
     // Messages sent while the backends reconnect may be lost; delivery resumes.
     let mut delivered = false;
     for i in 0..100 {
