@@ -150,11 +150,11 @@ async fn a_backend_message_over_the_limit_closes_the_client_with_1009() {
 
 #[tokio::test]
 async fn an_idle_tunnel_is_closed_with_1001() {
-    let (_backends, proxy) = setup("idle_timeout = \"300ms\"").await;
+    let (_backends, proxy) = setup("idle_timeout = \"600ms\"").await;
     let mut busy = connect(&proxy.url("/ws")).await;
     let mut idle = connect(&proxy.url("/ws")).await;
     // Traffic on one tunnel keeps it open; the other closes.
-    for _ in 0..4 {
+    for _ in 0..8 {
         busy.send(Message::text("tick")).await.expect("send");
         assert_eq!(next(&mut busy).await, Message::text("tick"));
         tokio::time::sleep(Duration::from_millis(100)).await;
