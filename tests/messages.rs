@@ -166,3 +166,27 @@ async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
     drop(client);
     proxy.wait_counts("p", &[0]).await;
 }
+
+/// A client that sends its first frame in the same write as its upgrade request:
+/// the bytes hyper read past the request head reach the backend, in order.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_not_lost() {
+    let mut backend = RawBackend::start("").await;
+    let config = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let proxy = Proxy::start(&config).await;
+    let key = Some([9, 8, 7, 6]);
+    let first = frame(0x81, b"sent with the request", key);
+    let second = frame(0x82, &[1, 2, 3], key);
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let mut bytes = upgrade_request("/early", "").into_bytes();
+    bytes.extend_from_slice(&first);
+    client.write_all(&bytes).await.expect("write");
+    let (mut server, _) = backend.next().await;
+    let response = read_head(&mut client).await;
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    client.write_all(&second).await.expect("write");
+    let expected = [first, second].concat();
+    assert_eq!(read_exact(&mut server, expected.len()).await, expected);
+}
