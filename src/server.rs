@@ -197,12 +197,13 @@ async fn proxy(
             span.in_scope(
                 || tracing::info!(status = %response.status(), "backend declined the upgrade"),
             );
-            count_upgrade(&pool.name, &backend, "backend_rejected");
+            count_upgrade(&pool.name, &backend.to_string(), "backend_rejected");
             return response;
         }
         Err(e) => {
             span.in_scope(|| tracing::warn!(error = %e, "no backend took the upgrade"));
-            count_upgrade(&pool.name, e.backend(), e.label());
+            let backend = e.backend().map(ToString::to_string).unwrap_or_default();
+            count_upgrade(&pool.name, &backend, e.label());
             return handshake::plain(e.status(), &e.to_string());
         }
     };
@@ -214,12 +215,14 @@ async fn proxy(
         head,
         guard,
     } = upgraded;
-    let backend = guard.backend().addr.to_string();
-    span.record("backend", backend.as_str());
+    // The address is formatted only where a string is kept: the metric label
+    // (once per backend) and a presence record.
+    let addr = &guard.backend().addr;
+    span.record("backend", tracing::field::display(addr));
     guard
         .backend()
         .upgrades_ok
-        .get_or_init(|| upgrade_counter(&pool.name, &backend, "ok"))
+        .get_or_init(|| upgrade_counter(&pool.name, &addr.to_string(), "ok"))
         .increment(1);
     m::PoolHistograms::of(&pool)
         .upgrade
@@ -229,7 +232,7 @@ async fn proxy(
             user,
             instance: shared.cluster.instance_id().to_string(),
             pool: pool.name.clone(),
-            backend,
+            backend: addr.to_string(),
             conn: id,
             since: presence::now_ms(),
         })

@@ -25,7 +25,7 @@ pub enum Answer {
     /// It answered something else; the client gets this response as is.
     Declined {
         response: Response<Full<Bytes>>,
-        backend: String,
+        backend: BackendAddr,
     },
 }
 
@@ -44,22 +44,22 @@ pub enum UpstreamError {
     NoBackend,
     #[error("connect to {addr} failed")]
     Connect {
-        addr: String,
+        addr: BackendAddr,
         #[source]
         source: io::Error,
     },
     #[error("connect to {addr} timed out")]
-    ConnectTimeout { addr: String },
+    ConnectTimeout { addr: BackendAddr },
     #[error("backend {addr} did not answer the handshake in time")]
-    HandshakeTimeout { addr: String },
+    HandshakeTimeout { addr: BackendAddr },
     #[error("backend {addr} sent an unreadable answer")]
     Unreadable {
-        addr: String,
+        addr: BackendAddr,
         #[source]
         source: hyper::Error,
     },
     #[error("backend {addr} sent 101 but its connection could not be taken over")]
-    Takeover { addr: String },
+    Takeover { addr: BackendAddr },
 }
 
 impl UpstreamError {
@@ -71,15 +71,15 @@ impl UpstreamError {
         }
     }
 
-    /// The backend it is about ("" when there was none).
-    pub fn backend(&self) -> &str {
+    /// The backend it is about, if one was tried.
+    pub fn backend(&self) -> Option<&BackendAddr> {
         match self {
-            UpstreamError::NoBackend => "",
+            UpstreamError::NoBackend => None,
             UpstreamError::Connect { addr, .. }
             | UpstreamError::ConnectTimeout { addr }
             | UpstreamError::HandshakeTimeout { addr }
             | UpstreamError::Unreadable { addr, .. }
-            | UpstreamError::Takeover { addr } => addr,
+            | UpstreamError::Takeover { addr } => Some(addr),
         }
     }
 
@@ -114,7 +114,6 @@ pub async fn open(
         };
         tried.push(index);
         let backend = guard.backend().clone();
-        let addr = backend.addr.to_string();
         let connected = timeout(settings.connect_timeout, connect(&backend)).await;
         if let Some(health) = &settings.health {
             crate::health::record(&pool.name, &backend, matches!(connected, Ok(Ok(_))), health);
@@ -126,15 +125,24 @@ pub async fn open(
                     handshake(stream, request, guard),
                 )
                 .await
-                .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }));
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::HandshakeTimeout {
+                        addr: backend.addr.clone(),
+                    })
+                });
             }
             Ok(Err(source)) => {
-                tracing::warn!(backend = %addr, error = %source, "backend refused, trying the next");
-                last_error = UpstreamError::Connect { addr, source };
+                tracing::warn!(backend = %backend.addr, error = %source, "backend refused, trying the next");
+                last_error = UpstreamError::Connect {
+                    addr: backend.addr.clone(),
+                    source,
+                };
             }
             Err(_) => {
-                tracing::warn!(backend = %addr, "backend connect timed out, trying the next");
-                last_error = UpstreamError::ConnectTimeout { addr };
+                tracing::warn!(backend = %backend.addr, "backend connect timed out, trying the next");
+                last_error = UpstreamError::ConnectTimeout {
+                    addr: backend.addr.clone(),
+                };
             }
         }
     }
@@ -158,9 +166,11 @@ async fn handshake(
     request: Request<Empty<Bytes>>,
     guard: ConnGuard,
 ) -> Result<Answer, UpstreamError> {
-    let addr = guard.backend().addr.to_string();
+    // The address is copied only when there is an error to report.
+    let backend = guard.backend().clone();
+    let addr = || backend.addr.clone();
     let unreadable = |source| UpstreamError::Unreadable {
-        addr: addr.clone(),
+        addr: addr(),
         source,
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -189,7 +199,7 @@ async fn handshake(
         let upgraded = on_upgrade.await.map_err(unreadable)?;
         let parts = upgraded
             .downcast::<TokioIo<TcpStream>>()
-            .map_err(|_| UpstreamError::Takeover { addr: addr.clone() })?;
+            .map_err(|_| UpstreamError::Takeover { addr: addr() })?;
         let (head, _) = response.into_parts();
         return Ok(Answer::Upgraded(Upgraded {
             stream: parts.io.into_inner(),
@@ -214,6 +224,6 @@ async fn handshake(
     drop(guard);
     Ok(Answer::Declined {
         response: handshake::passthrough(head, body),
-        backend: addr,
+        backend: addr(),
     })
 }

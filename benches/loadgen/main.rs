@@ -356,10 +356,7 @@ fn verdicts(all: &[Figures]) -> String {
 }
 
 fn echo_server(count: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async move {
         let mut listeners = Vec::new();
         for _ in 0..count {
@@ -394,10 +391,7 @@ fn echo_server(count: usize) {
 }
 
 fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
         bare_relay::run(listener, backends).await;
@@ -408,10 +402,7 @@ fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
 /// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
 fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]) -> Vec<Figures> {
     let (_echo, backends) = targets::echo_servers();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     type Start<'a> = Box<dyn Fn() -> Option<Target> + 'a>;
     let starts: Vec<(&str, Start)> = vec![
         ("direct", Box::new(|| Some(targets::direct(&backends)))),
@@ -457,6 +448,13 @@ fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]
     runtime.block_on(measure(&running, sizes))
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -472,10 +470,7 @@ fn main() {
                 .expect("target address");
             let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
             let window = Duration::from_secs(seconds);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let runtime = runtime();
             let report = runtime.block_on(async {
                 match scenario {
                     "upgrades" => format!(

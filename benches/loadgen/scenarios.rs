@@ -127,11 +127,7 @@ pub async fn throughput(
             received
         }));
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.expect("client");
-    }
-    total
+    sum(tasks).await
 }
 
 /// Upgrades (open, then close cleanly) by `concurrency` workers for `window`.
@@ -158,9 +154,14 @@ pub async fn upgrades(addrs: &[SocketAddr], concurrency: usize, window: Duration
             done
         }));
     }
+    sum(tasks).await
+}
+
+/// Waits for every task and adds up what they counted.
+async fn sum(tasks: Vec<tokio::task::JoinHandle<u64>>) -> u64 {
     let mut total = 0;
     for t in tasks {
-        total += t.await.expect("worker");
+        total += t.await.expect("load task");
     }
     total
 }

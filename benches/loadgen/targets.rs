@@ -102,6 +102,18 @@ impl Target {
     }
 }
 
+/// A proxy process started on `port`, once it accepts connections.
+fn listening(name: &'static str, port: u16, process: Process, scratch: Option<Scratch>) -> Target {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr, name);
+    Target {
+        name,
+        addrs: vec![addr],
+        process: Some(process),
+        _scratch: scratch,
+    }
+}
+
 pub fn direct(backends: &[SocketAddr]) -> Target {
     Target {
         name: "direct",
@@ -120,14 +132,7 @@ pub fn bare_relay(backends: &[SocketAddr]) -> Target {
         command.arg(b.to_string());
     }
     let process = spawn(&mut command);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr, "the bare relay");
-    Target {
-        name: "bare relay",
-        addrs: vec![addr],
-        process: Some(process),
-        _scratch: None,
-    }
+    listening("bare relay", port, process, None)
 }
 
 pub fn wsgate(binary: &str, backends: &[SocketAddr]) -> Target {
@@ -152,14 +157,7 @@ pub fn wsgate(binary: &str, backends: &[SocketAddr]) -> Target {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr, "wsgate");
-    Target {
-        name: "wsgate",
-        addrs: vec![addr],
-        process: Some(process),
-        _scratch: Some(scratch),
-    }
+    listening("wsgate", port, process, Some(scratch))
 }
 
 pub fn haproxy(backends: &[SocketAddr]) -> Option<Target> {
@@ -188,14 +186,7 @@ pub fn haproxy(backends: &[SocketAddr]) -> Option<Target> {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr, "haproxy");
-    Some(Target {
-        name: "haproxy",
-        addrs: vec![addr],
-        process: Some(process),
-        _scratch: Some(scratch),
-    })
+    Some(listening("haproxy", port, process, Some(scratch)))
 }
 
 pub fn nginx(backends: &[SocketAddr]) -> Option<Target> {
@@ -236,14 +227,7 @@ pub fn nginx(backends: &[SocketAddr]) -> Option<Target> {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr, "nginx");
-    Some(Target {
-        name: "nginx",
-        addrs: vec![addr],
-        process: Some(process),
-        _scratch: Some(scratch),
-    })
+    Some(listening("nginx", port, process, Some(scratch)))
 }
 
 /// utime + stime of a process (all its threads), in seconds.
