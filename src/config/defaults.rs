@@ -1,0 +1,41 @@
+//! Every default and every limit of `proxy.toml`, in one place: what a key is when
+//! the file leaves it out, and the range it may take when the file sets it.
+
+use std::time::Duration;
+
+// [server]
+pub const MAX_CONNECTIONS: usize = 50_000;
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// hyper will not read request heads into a buffer smaller than this.
+pub const MIN_HEADER_BYTES: u64 = 8192;
+pub const MAX_HEADER_BYTES_LIMIT: u64 = 1024 * 1024;
+
+// [pool.NAME]
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const BACKEND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = u32::MAX as u64 * 4;
+pub const RETRIES: usize = 2;
+pub const MAX_RETRIES: u64 = 16;
+pub const WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u64 = 1000;
+
+// [pool.NAME.health]
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub const UNHEALTHY_AFTER: u32 = 2;
+pub const HEALTHY_AFTER: u32 = 2;
+pub const MAX_STREAK: u64 = 100;
+
+// [cluster]
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A heartbeat under this would load Redis for nothing.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
+pub const CLUSTER_NAME: &str = "wsgate";
+
+// [admin]
+pub const MESSAGE_METRICS: bool = true;
+/// Shortest bearer token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;

@@ -1,0 +1,431 @@
+//! `proxy.toml`: the validated [`Config`] and its public types. Nothing past this
+//! module sees a string that still needs parsing.
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the public types, [`Config::load`] and [`ConfigError`] |
+//! | `raw.rs` | serde structs that mirror the file, positions kept |
+//! | `validate.rs` | raw → typed, each problem with its key and fix |
+//! | `diagnostics.rs` | positions: file:line:col of keys and values |
+//! | `defaults.rs` | every default and range |
+//!
+//! Every problem in a file is reported at once, each with `file:line:col`, the key and
+//! the fix, so `wsgate check` is one edit-and-rerun loop rather than one per mistake.
+//! Unknown keys are collected with `serde_ignored` instead of failing on the first one
+//! with `deny_unknown_fields`: the file is still rejected, but with every error listed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+mod diagnostics;
+mod raw;
+mod validate;
+
+pub mod defaults;
+
+use diagnostics::Report;
+pub use diagnostics::line_col;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// In file order: the first matching route wins.
+    pub routes: Vec<RouteConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub cluster: ClusterConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/presence`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `None`: no admin listener.
+    pub listen: Option<SocketAddr>,
+    /// When set, every admin request needs `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// Count messages and bytes per direction (cheap: tallied per connection and
+    /// added to the shared counters at most once a second and at close).
+    pub message_metrics: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            token: None,
+            message_metrics: defaults::MESSAGE_METRICS,
+        }
+    }
+}
+
+/// Active health checks of a pool's backends, with hysteresis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// `GET path` must answer 2xx; without it, a TCP connect is the check.
+    pub path: Option<String>,
+    /// Consecutive failures (checks or connects) that eject a backend.
+    pub unhealthy_after: u32,
+    /// Consecutive successful checks that bring it back.
+    pub healthy_after: u32,
+}
+
+/// How this instance shares its state: through Redis with `redis` set, else in
+/// memory (a single instance). Read at start; a reload does not change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL; `None` keeps all state in memory.
+    pub redis: Option<String>,
+    /// Key prefix: instances with the same name balance together.
+    pub name: String,
+    /// How often this instance refreshes its keys and reads the others'. Its keys
+    /// live for three heartbeats, so a dead instance's share vanishes by then.
+    pub heartbeat: Duration,
+    /// This instance's name in Redis and in presence records.
+    pub instance_id: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            name: defaults::CLUSTER_NAME.to_string(),
+            heartbeat: defaults::HEARTBEAT,
+            instance_id: generated_instance_id(),
+        }
+    }
+}
+
+/// `HOSTNAME-xxxxxx`: readable in redis-cli, unique across restarts.
+fn generated_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| validate::valid_name(h))
+        .unwrap_or_else(|| "wsgate".to_string());
+    format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Connections (handshaking or proxied) held at once; the accept loop waits for a
+    /// free slot before accepting, so overload queues in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long a client has to send its whole upgrade request.
+    pub handshake_timeout: Duration,
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: HostPattern,
+    /// Path prefix, matched on segment boundaries: `/ws` matches `/ws` and `/ws/a`,
+    /// not `/wsx`.
+    pub path: String,
+    pub pool: String,
+    /// Where a connection's user id comes from, for presence.
+    pub identity: Option<IdentitySource>,
+}
+
+/// Where the presence identity of a connection is read from in its upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `query:NAME`: the query parameter NAME.
+    Query(String),
+    /// `header:NAME`: the request header NAME.
+    Header(http::HeaderName),
+    /// `cookie:NAME`: the cookie NAME.
+    Cookie(String),
+}
+
+impl IdentitySource {
+    pub fn parse(text: &str) -> Option<IdentitySource> {
+        let (kind, name) = text.split_once(':')?;
+        let name = name.trim();
+        if name.is_empty() {
+            return None;
+        }
+        match kind.trim() {
+            "query" => Some(IdentitySource::Query(name.to_string())),
+            "header" => http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(IdentitySource::Header),
+            "cookie" => Some(IdentitySource::Cookie(name.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// Which `Host` a route answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `*` or no `host` key.
+    Any,
+    /// `chat.example.com`, compared without case and without the port.
+    Exact(String),
+    /// `*.example.com`: any name ending in `.example.com` (not `example.com` itself).
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub backends: Vec<BackendConfig>,
+    /// TCP connect to one backend.
+    pub connect_timeout: Duration,
+    /// From the request sent to the backend to its whole response head.
+    pub handshake_timeout: Duration,
+    /// A tunnel with no traffic either way for this long is closed (1001).
+    pub idle_timeout: Duration,
+    /// Largest WebSocket message, summed over its fragments, in either direction;
+    /// larger closes the connection with 1009.
+    pub max_message_size: u64,
+    /// After the chosen backend refuses or times out, how many others to try.
+    pub retries: usize,
+    /// Active checks; without them every backend counts as healthy.
+    pub health: Option<HealthConfig>,
+}
+
+impl PoolConfig {
+    /// A pool of `backends` with every other setting at its default.
+    pub fn with_backends(backends: Vec<BackendConfig>) -> PoolConfig {
+        PoolConfig {
+            backends,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            handshake_timeout: defaults::BACKEND_HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+            retries: defaults::RETRIES,
+            health: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: BackendAddr,
+    pub weight: NonZeroU32,
+}
+
+/// Where a backend listens: an IP literal is parsed once here, a name is resolved
+/// on every connect so DNS changes are followed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddr::Ip(addr) => addr.fmt(f),
+            BackendAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl BackendAddr {
+    pub fn parse(text: &str) -> Option<BackendAddr> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(BackendAddr::Ip(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        valid_name.then(|| BackendAddr::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// Why a configuration was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.path, .problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+/// One mistake in a file, where it is and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key, like `pool.chat.backends[1].addr`.
+    pub key: String,
+    pub message: String,
+    pub fix: String,
+}
+
+fn render_problems(path: &str, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{path}:{}:{}: {}: {}\n  fix: {}",
+            p.line, p.column, p.key, p.message, p.fix
+        ));
+    }
+    out
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Validates TOML text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let mut report = Report::new(text);
+        let raw = report.deserialize(text);
+        let config = raw.map(|raw| report.validate(raw));
+        match config {
+            Some(config) if report.problems.is_empty() => Ok(config),
+            _ => {
+                let mut problems = report.problems;
+                problems.sort_by_key(|p| (p.line, p.column));
+                Err(ConfigError::Invalid {
+                    path: path.to_string(),
+                    problems,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw::parse_size;
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[route]]
+host = "*.example.com"
+path = "/ws/"
+pool = "chat"
+
+[pool.chat]
+backends = [{ addr = "127.0.0.1:9000" }, { addr = "chat-2.internal:9000", weight = 2 }]
+max_message_size = "1MiB"
+idle_timeout = "30s"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let config = Config::parse(GOOD, "proxy.toml").expect("valid");
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:8080".parse().unwrap()]
+        );
+        assert_eq!(
+            config.routes[0].host,
+            HostPattern::Suffix(".example.com".into())
+        );
+        assert_eq!(config.routes[0].path, "/ws");
+        let pool = &config.pools["chat"];
+        assert_eq!(pool.max_message_size, 1024 * 1024);
+        assert_eq!(pool.idle_timeout, Duration::from_secs(30));
+        assert_eq!(pool.backends[1].weight.get(), 2);
+        assert_eq!(
+            pool.backends[1].addr,
+            BackendAddr::Name {
+                host: "chat-2.internal".into(),
+                port: 9000
+            }
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_position() {
+        let text = "[server]\nlisten = [\"nowhere\"]\nlisten_backlog = 5\n\n[[route]]\npath = \"/ws\"\npool = \"missing\"\n\n[pool.chat]\nbackends = [{ addr = \"10.0.0.1\", weight = 0, colour = \"red\" }]\n";
+        let err = Config::parse(text, "x.toml").expect_err("invalid");
+        let found: Vec<(usize, usize, &str)> = err
+            .problems()
+            .iter()
+            .map(|p| (p.line, p.column, p.key.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (2, 11, "server.listen[0]"),
+                (3, 1, "server.listen_backlog"),
+                (7, 8, "route[0].pool"),
+                (10, 22, "pool.chat.backends[0].addr"),
+                (10, 43, "pool.chat.backends[0].weight"),
+                (10, 46, "pool.chat.backends[0].colour"),
+            ]
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.contains("x.toml:7:8: route[0].pool: no pool named `missing`"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("fix: define [pool.missing], or name one of: chat"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_type_error_has_a_position() {
+        let err =
+            Config::parse("[server]\nlisten = \"0.0.0.0:1\"\n", "x.toml").expect_err("invalid");
+        let p = &err.problems()[0];
+        assert_eq!((p.line, p.column), (2, 10), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_addresses() {
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("3"), Some(3));
+        assert_eq!(parse_size("3 parsecs"), None);
+        assert!(BackendAddr::parse("[::1]:80").is_some());
+        assert!(BackendAddr::parse("host:0").is_none());
+        assert!(BackendAddr::parse("bad host:80").is_none());
+        assert!(BackendAddr::parse("10.0.0.1").is_none());
+    }
+}

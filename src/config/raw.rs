@@ -1,0 +1,109 @@
+//! The raw layer: serde structs that mirror `proxy.toml` key for key, with the
+//! position of every value kept for errors. Nothing here is validated.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub(super) pool: BTreeMap<String, RawPool>,
+    pub(super) cluster: Option<RawCluster>,
+    pub(super) admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) token: Option<Spanned<String>>,
+    pub(super) message_metrics: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawHealth {
+    pub(super) interval: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) unhealthy_after: Option<Spanned<i64>>,
+    pub(super) healthy_after: Option<Spanned<i64>>,
+}
+#[derive(Deserialize)]
+pub(super) struct RawCluster {
+    pub(super) redis: Option<Spanned<String>>,
+    pub(super) name: Option<Spanned<String>>,
+    pub(super) heartbeat: Option<Spanned<String>>,
+    pub(super) instance_id: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawServer {
+    pub(super) listen: Spanned<Vec<Spanned<String>>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) handshake_timeout: Option<Spanned<String>>,
+    pub(super) max_header_bytes: Option<Spanned<RawSize>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawRoute {
+    pub(super) host: Option<Spanned<String>>,
+    pub(super) path: Spanned<String>,
+    pub(super) pool: Spanned<String>,
+    pub(super) identity: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawPool {
+    #[serde(default)]
+    pub(super) backends: Vec<Spanned<RawBackend>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Spanned<String>>,
+    pub(super) idle_timeout: Option<Spanned<String>>,
+    pub(super) max_message_size: Option<Spanned<RawSize>>,
+    pub(super) retries: Option<Spanned<i64>>,
+    pub(super) health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawBackend {
+    pub(super) addr: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+}
+
+/// A size: a byte count, or a string with a unit (`"64KiB"`, `"16MiB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl RawSize {
+    pub(super) fn bytes(&self) -> Option<u64> {
+        match self {
+            RawSize::Bytes(n) => u64::try_from(*n).ok(),
+            RawSize::Text(text) => parse_size(text),
+        }
+    }
+}
+
+pub(super) fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" | "k" => 1024,
+        "MiB" | "M" | "MB" => 1024 * 1024,
+        "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}

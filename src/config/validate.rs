@@ -1,0 +1,489 @@
+//! Validation: the raw layer turned into typed config, every problem collected
+//! with its position, key and fix. Defaults and ranges come from [`defaults`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::diagnostics::{Report, Segment};
+use super::raw::*;
+use super::*;
+
+impl Report<'_> {
+    pub(super) fn validate(&mut self, raw: RawConfig) -> Config {
+        let server = self.server(raw.server);
+        let mut pools = BTreeMap::new();
+        for (name, pool) in raw.pool {
+            let key = format!("pool.{name}");
+            if !valid_name(&name) {
+                let span = self.span_of(&[Segment::Key("pool".into()), Segment::Key(name.clone())]);
+                self.push(
+                    span,
+                    key.clone(),
+                    format!("pool name `{name}` is not allowed"),
+                    "use letters, digits, `-` and `_` only",
+                );
+            }
+            let pool = self.pool(&key, pool);
+            pools.insert(name, pool);
+        }
+        let mut routes = Vec::new();
+        for (i, route) in raw.route.into_iter().enumerate() {
+            if let Some(route) = self.route(i, route, &pools) {
+                routes.push(route);
+            }
+        }
+        let cluster = self.cluster(raw.cluster);
+        let admin = self.admin(raw.admin, &server);
+        Config {
+            server,
+            routes,
+            pools,
+            cluster,
+            admin,
+        }
+    }
+
+    fn admin(&mut self, raw: Option<RawAdmin>, server: &ServerConfig) -> AdminConfig {
+        let mut admin = AdminConfig::default();
+        let Some(raw) = raw else { return admin };
+        if let Some(listen) = raw.listen {
+            match listen.get_ref().parse::<SocketAddr>() {
+                Ok(a) if server.listen.contains(&a) && a.port() != 0 => self.push(
+                    listen.span(),
+                    "admin.listen",
+                    format!("{a} is also a [server] listen address"),
+                    "give the admin listener an address of its own, like \"127.0.0.1:9090\"",
+                ),
+                Ok(a) => admin.listen = Some(a),
+                Err(_) => self.push(
+                    listen.span(),
+                    "admin.listen",
+                    format!("`{}` is not an IP address with a port", listen.get_ref()),
+                    "write an IP address and port, like \"127.0.0.1:9090\"",
+                ),
+            }
+        }
+        if let Some(token) = raw.token {
+            if token.get_ref().len() >= defaults::MIN_TOKEN_LEN
+                && token.get_ref().bytes().all(|b| b.is_ascii_graphic())
+            {
+                admin.token = Some(token.into_inner());
+            } else {
+                self.push(
+                    token.span(),
+                    "admin.token",
+                    "the token is too short or has spaces".into(),
+                    "use 16 or more printable characters without spaces",
+                );
+            }
+        }
+        admin.message_metrics = raw.message_metrics.unwrap_or(defaults::MESSAGE_METRICS);
+        admin
+    }
+
+    fn health(&mut self, key: &str, raw: RawHealth) -> HealthConfig {
+        let path = raw.path.and_then(|p| {
+            if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) {
+                Some(p.into_inner())
+            } else {
+                self.push(
+                    p.span(),
+                    format!("{key}.path"),
+                    format!("`{}` is not a path", p.get_ref()),
+                    "write a path that starts with `/`, like \"/health\"",
+                );
+                None
+            }
+        });
+        HealthConfig {
+            interval: self.duration(
+                raw.interval.as_ref(),
+                &format!("{key}.interval"),
+                defaults::HEALTH_INTERVAL,
+            ),
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                &format!("{key}.timeout"),
+                defaults::HEALTH_TIMEOUT,
+            ),
+            path,
+            unhealthy_after: self.integer(
+                raw.unhealthy_after.as_ref(),
+                &format!("{key}.unhealthy_after"),
+                1..=defaults::MAX_STREAK,
+                defaults::UNHEALTHY_AFTER.into(),
+            ) as u32,
+            healthy_after: self.integer(
+                raw.healthy_after.as_ref(),
+                &format!("{key}.healthy_after"),
+                1..=defaults::MAX_STREAK,
+                defaults::HEALTHY_AFTER.into(),
+            ) as u32,
+        }
+    }
+
+    fn cluster(&mut self, raw: Option<RawCluster>) -> ClusterConfig {
+        let mut cluster = ClusterConfig::default();
+        let Some(raw) = raw else { return cluster };
+        if let Some(url) = raw.redis {
+            let scheme_ok =
+                url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://");
+            match redis::Client::open(url.get_ref().as_str()) {
+                Ok(_) if scheme_ok => cluster.redis = Some(url.into_inner()),
+                _ => self.push(
+                    url.span(),
+                    "cluster.redis",
+                    format!("`{}` is not a Redis URL", url.get_ref()),
+                    "write redis://[:password@]host:port/db, or rediss:// for TLS",
+                ),
+            }
+        }
+        for (value, key, target) in [
+            (raw.name, "cluster.name", &mut cluster.name),
+            (
+                raw.instance_id,
+                "cluster.instance_id",
+                &mut cluster.instance_id,
+            ),
+        ] {
+            let Some(value) = value else { continue };
+            if valid_name(value.get_ref()) && value.get_ref().len() <= 64 {
+                *target = value.into_inner();
+            } else {
+                self.push(
+                    value.span(),
+                    key,
+                    format!("`{}` is not allowed here", value.get_ref()),
+                    "use up to 64 letters, digits, `-` and `_`",
+                );
+            }
+        }
+        cluster.heartbeat = self.duration(
+            raw.heartbeat.as_ref(),
+            "cluster.heartbeat",
+            defaults::HEARTBEAT,
+        );
+        if cluster.heartbeat < defaults::MIN_HEARTBEAT {
+            if let Some(h) = &raw.heartbeat {
+                self.push(
+                    h.span(),
+                    "cluster.heartbeat",
+                    "a heartbeat under 50ms would load Redis for nothing".into(),
+                    "use 50ms or more; 1s suits most fleets",
+                );
+            }
+            cluster.heartbeat = defaults::HEARTBEAT;
+        }
+        cluster
+    }
+
+    fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let mut listen = Vec::new();
+        if raw.listen.get_ref().is_empty() {
+            self.push(
+                raw.listen.span(),
+                "server.listen",
+                "no listen address".into(),
+                "add one, like listen = [\"0.0.0.0:8080\"]",
+            );
+        }
+        for (i, addr) in raw.listen.into_inner().into_iter().enumerate() {
+            let key = format!("server.listen[{i}]");
+            match addr.get_ref().parse::<SocketAddr>() {
+                Ok(a) if listen.contains(&a) => self.push(
+                    addr.span(),
+                    key,
+                    format!("{a} is listed twice"),
+                    "remove the duplicate",
+                ),
+                Ok(a) => listen.push(a),
+                Err(_) => self.push(
+                    addr.span(),
+                    key,
+                    format!("`{}` is not an IP address with a port", addr.get_ref()),
+                    "write an IP address and port, like \"0.0.0.0:8080\" or \"[::]:8080\"",
+                ),
+            }
+        }
+        let max_connections = self.integer(
+            raw.max_connections.as_ref(),
+            "server.max_connections",
+            1..=u64::from(u32::MAX),
+            defaults::MAX_CONNECTIONS as u64,
+        ) as usize;
+        let handshake_timeout = self.duration(
+            raw.handshake_timeout.as_ref(),
+            "server.handshake_timeout",
+            defaults::CLIENT_HANDSHAKE_TIMEOUT,
+        );
+        let max_header_bytes = self.size(
+            raw.max_header_bytes.as_ref(),
+            "server.max_header_bytes",
+            defaults::MIN_HEADER_BYTES..=defaults::MAX_HEADER_BYTES_LIMIT,
+            defaults::MAX_HEADER_BYTES as u64,
+        ) as usize;
+        ServerConfig {
+            listen,
+            max_connections,
+            handshake_timeout,
+            max_header_bytes,
+        }
+    }
+
+    fn pool(&mut self, key: &str, raw: RawPool) -> PoolConfig {
+        let mut backends: Vec<BackendConfig> = Vec::new();
+        for (i, backend) in raw.backends.into_iter().enumerate() {
+            let backend = backend.into_inner();
+            let bkey = format!("{key}.backends[{i}]");
+            let weight = self.integer(
+                backend.weight.as_ref(),
+                &format!("{bkey}.weight"),
+                1..=defaults::MAX_WEIGHT,
+                defaults::WEIGHT.into(),
+            );
+            let weight = NonZeroU32::new(weight as u32).unwrap_or(NonZeroU32::MIN);
+            match BackendAddr::parse(backend.addr.get_ref()) {
+                Some(addr) if backends.iter().any(|b| b.addr == addr) => self.push(
+                    backend.addr.span(),
+                    format!("{bkey}.addr"),
+                    format!("backend {addr} is listed twice in this pool"),
+                    "remove the duplicate, or raise the first one's weight",
+                ),
+                Some(addr) => backends.push(BackendConfig { addr, weight }),
+                None => self.push(
+                    backend.addr.span(),
+                    format!("{bkey}.addr"),
+                    format!("`{}` is not a host:port address", backend.addr.get_ref()),
+                    "write host:port, like \"10.0.0.1:9000\", \"[::1]:9000\" or \"chat-1.internal:9000\"",
+                ),
+            }
+        }
+        PoolConfig {
+            backends,
+            connect_timeout: self.duration(
+                raw.connect_timeout.as_ref(),
+                &format!("{key}.connect_timeout"),
+                defaults::CONNECT_TIMEOUT,
+            ),
+            handshake_timeout: self.duration(
+                raw.handshake_timeout.as_ref(),
+                &format!("{key}.handshake_timeout"),
+                defaults::BACKEND_HANDSHAKE_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                raw.idle_timeout.as_ref(),
+                &format!("{key}.idle_timeout"),
+                defaults::IDLE_TIMEOUT,
+            ),
+            max_message_size: self.size(
+                raw.max_message_size.as_ref(),
+                &format!("{key}.max_message_size"),
+                1..=defaults::MAX_MESSAGE_SIZE_LIMIT,
+                defaults::MAX_MESSAGE_SIZE,
+            ),
+            retries: self.integer(
+                raw.retries.as_ref(),
+                &format!("{key}.retries"),
+                0..=defaults::MAX_RETRIES,
+                defaults::RETRIES as u64,
+            ) as usize,
+            health: raw.health.map(|h| self.health(&format!("{key}.health"), h)),
+        }
+    }
+
+    fn route(
+        &mut self,
+        index: usize,
+        raw: Spanned<RawRoute>,
+        pools: &BTreeMap<String, PoolConfig>,
+    ) -> Option<RouteConfig> {
+        let raw = raw.into_inner();
+        let key = format!("route[{index}]");
+        let mut ok = true;
+        let host = match &raw.host {
+            None => HostPattern::Any,
+            Some(h) => match parse_host_pattern(h.get_ref()) {
+                Some(p) => p,
+                None => {
+                    ok = false;
+                    self.push(
+                        h.span(),
+                        format!("{key}.host"),
+                        format!("`{}` is not a host name or pattern", h.get_ref()),
+                        "write a name (\"chat.example.com\"), a wildcard (\"*.example.com\") or \"*\"",
+                    );
+                    HostPattern::Any
+                }
+            },
+        };
+        let path = raw.path.get_ref();
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            ok = false;
+            self.push(
+                raw.path.span(),
+                format!("{key}.path"),
+                format!("`{path}` is not a path prefix"),
+                "start it with `/` and leave out any query, like path = \"/ws\"",
+            );
+        }
+        let pool = raw.pool.get_ref();
+        if !pools.contains_key(pool) {
+            ok = false;
+            let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+            let fix = if known.is_empty() {
+                format!("define the pool with a [pool.{pool}] table")
+            } else {
+                format!("define [pool.{pool}], or name one of: {}", known.join(", "))
+            };
+            self.push(
+                raw.pool.span(),
+                format!("{key}.pool"),
+                format!("no pool named `{pool}`"),
+                &fix,
+            );
+        }
+        let identity = match &raw.identity {
+            None => None,
+            Some(text) => {
+                let parsed = IdentitySource::parse(text.get_ref());
+                if parsed.is_none() {
+                    ok = false;
+                    self.push(
+                        text.span(),
+                        format!("{key}.identity"),
+                        format!("`{}` is not an identity source", text.get_ref()),
+                        "write \"query:NAME\", \"header:NAME\" or \"cookie:NAME\"",
+                    );
+                }
+                parsed
+            }
+        };
+        ok.then(|| RouteConfig {
+            host,
+            path: normalize_prefix(path),
+            pool: pool.clone(),
+            identity,
+        })
+    }
+
+    fn integer(
+        &mut self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        range: RangeInclusive<u64>,
+        default: u64,
+    ) -> u64 {
+        let Some(value) = value else { return default };
+        match u64::try_from(*value.get_ref()) {
+            Ok(n) if range.contains(&n) => n,
+            _ => {
+                self.push(
+                    value.span(),
+                    key,
+                    format!("{} is out of range", value.get_ref()),
+                    &format!(
+                        "use a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                self.push(
+                    value.span(),
+                    key,
+                    format!("`{}` is not a positive duration", value.get_ref()),
+                    "write a number with a unit, like \"500ms\", \"10s\" or \"5m\"",
+                );
+                default
+            }
+        }
+    }
+
+    fn size(
+        &mut self,
+        value: Option<&Spanned<RawSize>>,
+        key: &str,
+        range: RangeInclusive<u64>,
+        default: u64,
+    ) -> u64 {
+        let Some(value) = value else { return default };
+        match value.get_ref().bytes() {
+            Some(n) if range.contains(&n) => n,
+            _ => {
+                self.push(
+                    value.span(),
+                    key,
+                    "not a size in range".into(),
+                    &format!(
+                        "write a byte count or a size like \"64KiB\" or \"16MiB\", from {} to {} bytes",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+}
+
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn parse_host_pattern(text: &str) -> Option<HostPattern> {
+    let text = text.trim().to_ascii_lowercase();
+    if text == "*" {
+        return Some(HostPattern::Any);
+    }
+    let (suffix, name) = match text.strip_prefix("*.") {
+        Some(rest) => (true, rest.to_string()),
+        None => (false, text),
+    };
+    let valid = !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        return None;
+    }
+    Some(if suffix {
+        HostPattern::Suffix(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name)
+    })
+}
+
+/// `/ws/` and `/ws` match the same requests; keep one spelling.
+fn normalize_prefix(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
