@@ -5,8 +5,8 @@
 //! only changes through [`ConnGuard`]: one increment at the pick, one decrement in
 //! `Drop`, whatever ended the connection.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use crate::config::{BackendAddr, BackendConfig, PoolConfig};
 
@@ -28,8 +28,6 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Consecutive check results: > 0 successes, < 0 failures.
     pub(crate) streak: AtomicI32,
-    /// Its `wsgate_upgrades_total{result="ok"}` counter, looked up once.
-    pub(crate) upgrades_ok: OnceLock<metrics::Counter>,
 }
 
 impl Backend {
@@ -42,7 +40,6 @@ impl Backend {
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             streak: AtomicI32::new(0),
-            upgrades_ok: OnceLock::new(),
         }
     }
 
@@ -122,8 +119,6 @@ pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
     pub settings: PoolConfig,
-    /// Its duration histograms, looked up once.
-    pub(crate) histograms: OnceLock<crate::metrics::PoolHistograms>,
 }
 
 impl Pool {
@@ -145,7 +140,6 @@ impl Pool {
             name: name.to_string(),
             backends,
             settings: settings.clone(),
-            histograms: OnceLock::new(),
         }
     }
 

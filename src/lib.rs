@@ -4,7 +4,8 @@
 //! |---|---|
 //! | [`config`] | `proxy.toml`: raw serde types → validated [`Config`] |
 //! | [`state`] | the current [`state::Snapshot`] of routes and pools, swapped on reload |
-//! | [`server`] | listeners, accept loop, HTTP/1.1 serving, the per-request path |
+//! | [`server`] | listeners, the accept loop, HTTP/1.1 serving |
+//! | [`handler`] | the per-request path: route, validate, identity, backend, tunnel |
 //! | [`handshake`] | RFC 6455 validation, forwarded headers, rejections |
 //! | [`balancer`] | backends, their counts ([`balancer::ConnGuard`]), least-connections |
 //! | [`upstream`] | connect and handshake to a backend, retrying the next candidate |
@@ -16,13 +17,16 @@
 //! | [`admin`] | the admin listener: metrics, health, backends, presence |
 //! | [`metrics`] | metric names, descriptions, the Prometheus recorder |
 //! | [`backend`] | the reference relay backend, its pub/sub brokers and the demo |
+//! | [`backoff`] | exponential backoff for every retry loop |
 
 pub mod admin;
 pub mod backend;
+pub mod backoff;
 pub mod balancer;
 pub mod cluster;
 pub mod config;
 pub mod frame;
+pub mod handler;
 pub mod handshake;
 pub mod health;
 pub mod metrics;
@@ -157,7 +161,7 @@ impl Gateway {
             background.spawn(admin::serve(listener, admin, stop_admin.clone()));
         }
         background.close();
-        let shared = server::Shared {
+        let shared = handler::Shared {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
             page: self.page,
@@ -168,9 +172,6 @@ impl Gateway {
         };
         let accept_loops = TaskTracker::new();
         for listener in listeners.server {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "listening");
-            }
             accept_loops.spawn(server::serve(listener, shared.clone()));
         }
         accept_loops.close();

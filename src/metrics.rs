@@ -99,20 +99,38 @@ fn describe() {
     );
 }
 
-/// A pool's duration histograms.
+/// A pool's metric handles, looked up once when the snapshot is built (a handle
+/// is a lookup in the recorder's map; the upgrade path should not pay for one).
 #[derive(Debug)]
-pub struct PoolHistograms {
+pub struct PoolMetrics {
     pub upgrade: metrics::Histogram,
     pub connection: metrics::Histogram,
+    /// `wsgate_upgrades_total{result="ok"}` of each backend, in the pool's order.
+    pub upgrades_ok: Vec<metrics::Counter>,
 }
 
-impl PoolHistograms {
-    pub fn of(pool: &crate::balancer::Pool) -> &PoolHistograms {
-        pool.histograms.get_or_init(|| PoolHistograms {
+impl PoolMetrics {
+    pub fn new(pool: &crate::balancer::Pool) -> PoolMetrics {
+        PoolMetrics {
             upgrade: metrics::histogram!(UPGRADE_DURATION, "pool" => pool.name.clone()),
             connection: metrics::histogram!(CONNECTION_DURATION, "pool" => pool.name.clone()),
-        })
+            upgrades_ok: pool
+                .backends
+                .iter()
+                .map(|b| upgrade_counter(&pool.name, &b.addr.to_string(), "ok"))
+                .collect(),
+        }
     }
+}
+
+/// `wsgate_upgrades_total` for one outcome.
+pub fn upgrade_counter(pool: &str, backend: &str, result: &'static str) -> metrics::Counter {
+    metrics::counter!(
+        UPGRADES,
+        "pool" => pool.to_string(),
+        "backend" => backend.to_string(),
+        "result" => result,
+    )
 }
 
 /// The `code` label of a close code: standard codes as themselves, application

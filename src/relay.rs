@@ -1,24 +1,33 @@
-//! The tunnel after the upgrade: one task owns both sockets and the guards, moves
+//! The tunnel after the upgrade: one task owns both streams and the guards, moves
 //! bytes both ways as they arrive, and ends the connection the WebSocket way.
 //!
 //! Memory: nothing is buffered while a connection is idle. A read goes into the
-//! worker thread's buffer inside a synchronous function, is walked and written at
-//! once; only bytes the receiver cannot take yet are copied to the heap, and that
-//! copy is freed as soon as it is written.
+//! worker thread's buffer inside a synchronous step, is walked and written at once;
+//! only bytes the receiver cannot take yet are copied to the heap, and that copy is
+//! freed as soon as it is written.
+//!
+//! Stream kinds plug in at one seam, [`RelayIo`]: plain TCP implements it with
+//! readiness and non-blocking system calls (the fast path); any other stream
+//! (TLS, an HTTP/2 stream) through [`Polled`], over its `AsyncRead`/`AsyncWrite`.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read};
-use std::task::Poll;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::balancer::ConnGuard;
 use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
+use crate::presence::PresenceGuard;
 
 /// Buffer for one read: large enough to move a typical message in one go.
 const READ_BUF: usize = 64 * 1024;
@@ -130,6 +139,149 @@ pub struct Tally {
     pub close_code: Option<u16>,
 }
 
+/// What the relay needs of a stream: read what is there into a borrowed buffer,
+/// write with or without waiting, send FIN.
+pub trait RelayIo: Send + 'static {
+    /// Reads once into `buf`; `Ready(Ok(0))` is EOF. `Pending` registers `cx`.
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    /// Writes some of `data`; `Pending` registers `cx` for when it can take more.
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>>;
+    /// Writes what the stream takes now, without waiting; `WouldBlock` when it
+    /// takes nothing.
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self.poll_write(&mut Context::from_waker(Waker::noop()), data) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+    /// Ends this side's sending (FIN). An error means the peer is gone already.
+    fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+/// The fast path: readiness from the reactor, `read(2)`/`write(2)` straight into
+/// and out of the worker's buffer.
+impl RelayIo for TcpStream {
+    /// A read that does not fill the buffer took everything the socket had: its
+    /// readiness is cleared right there, saving the read that would only have
+    /// returned `WouldBlock`. (Data arriving meanwhile raises a new readiness event;
+    /// a FIN keeps the socket readable, as closed states are never cleared.)
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(TcpStream::poll_read_ready(self, cx))?;
+            let mut got = None;
+            let read = self.try_io(Interest::READABLE, || {
+                let n = (&*socket2::SockRef::from(&*self)).read(buf)?;
+                got = Some(n);
+                if n > 0 && n < buf.len() {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (got, read) {
+                (Some(n), _) => return Poll::Ready(Ok(n)),
+                (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => {
+                    return Poll::Ready(Err(e));
+                }
+                // Readiness was stale: cleared, so the next poll registers.
+                (None, _) => {}
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(TcpStream::poll_write_ready(self, cx))?;
+            match TcpStream::try_write(self, data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, data)
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// Any `AsyncRead + AsyncWrite` stream (TLS, an HTTP/2 stream) as a relay stream.
+/// What such a stream buffers inside (a TLS record) is flushed after each write and,
+/// when that could not finish, at the next read poll, which every wake-up makes.
+pub struct Polled<S> {
+    stream: S,
+    unflushed: bool,
+}
+
+impl<S> Polled<S> {
+    pub fn new(stream: S) -> Polled<S> {
+        Polled {
+            stream,
+            unflushed: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Polled<S> {
+    fn flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.unflushed = match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(r) => return r,
+            Poll::Pending => true,
+        };
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RelayIo for Polled<S> {
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if self.unflushed {
+            self.flush(cx)?;
+        }
+        let mut read = ReadBuf::new(buf);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().len()))
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.stream).poll_write(cx, data))?;
+        self.flush(cx)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.stream).poll_shutdown(&mut cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+/// Everything one proxied connection holds while it lives. Fields are released in
+/// the order they are declared: the backend's count and the presence entry as soon
+/// as the backend side is closed ([`Guards::release_backend`]), the client's slot
+/// when the tunnel task ends. (A per-client-address slot goes before `permit`.)
+pub struct Guards {
+    /// One unit of the backend's connection count.
+    pub backend: Option<ConnGuard>,
+    /// The user's presence entry: its leave goes out together with the count.
+    pub presence: Option<PresenceGuard>,
+    /// The client connection's slot under `max_connections`, shared by the
+    /// requests of one HTTP connection: held until the client socket is closed.
+    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Guards {
+    /// The backend side is done: give back its count and the presence entry.
+    pub fn release_backend(&mut self) {
+        self.backend.take();
+        self.presence.take();
+    }
+}
+
 /// One direction's state.
 struct Flow {
     walker: Walker,
@@ -169,11 +321,28 @@ impl Flow {
     fn can_inject_close(&self) -> bool {
         self.walker.at_boundary() && self.walker.close_code().is_none()
     }
+
+    /// Walks `data` (the carried header bytes first) and writes what may go to
+    /// `to` now; true when the sender went over the size limit.
+    fn forward<T: RelayIo>(&mut self, data: &[u8], to: &mut T) -> io::Result<bool> {
+        self.carry_len = 0;
+        let (forward, too_big) = match self.walker.walk(data) {
+            Walk::Forward { held } => {
+                let end = data.len() - held;
+                self.carry[..held].copy_from_slice(&data[end..]);
+                self.carry_len = held;
+                (&data[..end], false)
+            }
+            Walk::TooBig { at } => (&data[..at], true),
+        };
+        write_now(to, forward, &mut self.pending)?;
+        Ok(too_big)
+    }
 }
 
 /// Why one step of a flow stopped.
 enum Step {
-    /// Moved bytes (or had nothing to read); go on.
+    /// Moved bytes; go on.
     Moved,
     /// The sender closed its side.
     Eof,
@@ -183,65 +352,40 @@ enum Step {
     WriteFailed(io::Error),
 }
 
-/// Reads once from `from`, walks and writes to `to` what it may; what `to` cannot
-/// take now goes to `flow.pending`. Synchronous, so the borrowed buffer is never
-/// held across an await, nor stored in the connection's future.
-///
-/// A read that does not fill the buffer took everything the socket had: its
-/// readiness is cleared right there, saving the read that would only have
-/// returned `WouldBlock`. (Data arriving meanwhile raises a new readiness event;
-/// a FIN keeps the socket readable, as closed states are never cleared.)
-fn pump(from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
-    READ_BUFFER.with_borrow_mut(|buf| pump_with(buf, from, to, flow))
-}
-
 thread_local! {
     /// One read buffer per worker thread, zeroed once: a read never pays for
     /// clearing 64 KiB, and an idle connection holds none of it.
     static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
 }
 
-fn pump_with(buf: &mut [u8], from: &TcpStream, to: &TcpStream, flow: &mut Flow) -> Step {
-    let carried = flow.carry_len;
-    buf[..carried].copy_from_slice(&flow.carry[..carried]);
-    let space = buf.len() - carried;
-    let mut got = None;
-    let read = from.try_io(Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(from)).read(&mut buf[carried..])?;
-        got = Some(n);
-        if n > 0 && n < space {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(())
-        }
-    });
-    let n = match (got, read) {
-        (Some(0), _) => return Step::Eof,
-        (Some(n), _) => n,
-        (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Step::Moved,
-        (None, Err(e)) => return Step::ReadFailed(e),
-        (None, Ok(())) => return Step::Moved,
-    };
-    flow.bytes += n as u64;
-    let data = &buf[..carried + n];
-    flow.carry_len = 0;
-    let (forward, too_big) = match flow.walker.walk(data) {
-        Walk::Forward { held } => {
-            let end = data.len() - held;
-            flow.carry[..held].copy_from_slice(&data[end..]);
-            flow.carry_len = held;
-            (&data[..end], false)
-        }
-        Walk::TooBig { at } => (&data[..at], true),
-    };
-    if let Err(e) = write_now(to, forward, &mut flow.pending) {
-        return Step::WriteFailed(e);
-    }
-    if too_big { Step::TooBig } else { Step::Moved }
+/// Reads once from `from` into the worker's buffer, walks and writes to `to` what
+/// it may; what `to` cannot take now goes to `flow.pending`. Synchronous, so the
+/// borrowed buffer is never held across an await, nor stored in the future.
+fn pump<F: RelayIo, T: RelayIo>(
+    cx: &mut Context<'_>,
+    from: &mut F,
+    to: &mut T,
+    flow: &mut Flow,
+) -> Poll<Step> {
+    READ_BUFFER.with_borrow_mut(|buf| {
+        let carried = flow.carry_len;
+        buf[..carried].copy_from_slice(&flow.carry[..carried]);
+        let n = match ready!(from.poll_read_into(cx, &mut buf[carried..])) {
+            Ok(0) => return Poll::Ready(Step::Eof),
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Step::ReadFailed(e)),
+        };
+        flow.bytes += n as u64;
+        Poll::Ready(match flow.forward(&buf[..carried + n], to) {
+            Ok(true) => Step::TooBig,
+            Ok(false) => Step::Moved,
+            Err(e) => Step::WriteFailed(e),
+        })
+    })
 }
 
-/// Writes as much of `data` as the socket takes without waiting; keeps the rest.
-fn write_now(to: &TcpStream, mut data: &[u8], pending: &mut Vec<u8>) -> io::Result<()> {
+/// Writes as much of `data` as the stream takes without waiting; keeps the rest.
+fn write_now<T: RelayIo>(to: &mut T, mut data: &[u8], pending: &mut Vec<u8>) -> io::Result<()> {
     while !data.is_empty() {
         match to.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -256,397 +400,420 @@ fn write_now(to: &TcpStream, mut data: &[u8], pending: &mut Vec<u8>) -> io::Resu
     Ok(())
 }
 
-/// Writes from `pending` what the socket takes now; frees it once empty.
-fn flush_now(to: &TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {
+/// Writes `pending` until it is empty (then frees it) or the stream is full
+/// (`Pending`, with `cx` registered).
+fn poll_flush_pending<T: RelayIo>(
+    cx: &mut Context<'_>,
+    to: &mut T,
+    pending: &mut Vec<u8>,
+) -> Poll<io::Result<()>> {
     let mut written = 0;
-    while written < pending.len() {
-        match to.try_write(&pending[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+    let polled = loop {
+        if written == pending.len() {
+            break Poll::Ready(Ok(()));
         }
-    }
+        match to.poll_write(cx, &pending[written..]) {
+            Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+            Poll::Pending => break Poll::Pending,
+        }
+    };
     if written == pending.len() {
         *pending = Vec::new();
     } else {
         pending.drain(..written);
     }
-    Ok(())
+    polled
 }
 
-/// The backend half of one proxied WebSocket and everything the tunnel keeps:
-/// built before the client's upgrade completes, kept in one box that the relay
-/// works on in place. Nothing big is moved from one layer of the connection's
-/// future to the next, so nothing is stored twice in it.
-pub struct Tunnel<G> {
-    backend: TcpStream,
+/// Writes all of `data`, waiting for the stream as needed.
+async fn write_all<T: RelayIo>(to: &mut T, data: &[u8]) -> io::Result<()> {
+    let mut pending = data.to_vec();
+    std::future::poll_fn(|cx| poll_flush_pending(cx, to, &mut pending)).await
+}
+
+/// Reads and drops until EOF.
+async fn drain<T: RelayIo>(from: &mut T) -> io::Result<()> {
+    loop {
+        let n = std::future::poll_fn(|cx| {
+            READ_BUFFER.with_borrow_mut(|sink| from.poll_read_into(cx, sink))
+        })
+        .await?;
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The backend half of one proxied WebSocket, built while the client's upgrade
+/// completes; [`Prepared::run`] adds the client and relays.
+pub struct Prepared<B> {
+    backend: B,
     /// Bytes the backend sent right behind its 101.
     backend_early: Bytes,
     limits: Limits,
-    /// Released as soon as the backend side is done (its count, presence...).
-    guard: Option<G>,
+    guards: Guards,
+    meter: Option<Meter>,
+}
+
+impl<B: RelayIo> Prepared<B> {
+    pub fn new(
+        backend: B,
+        backend_early: Bytes,
+        limits: Limits,
+        guards: Guards,
+        meter: Option<Meter>,
+    ) -> Box<Prepared<B>> {
+        Box::new(Prepared {
+            backend,
+            backend_early,
+            limits,
+            guards,
+            meter,
+        })
+    }
+
+    /// Relays between `client` (with the bytes it sent behind its upgrade request)
+    /// and the backend until the connection ends, then closes both streams.
+    pub async fn run<C: RelayIo>(
+        self: Box<Self>,
+        client: C,
+        client_early: Bytes,
+        shutdown: CancellationToken,
+    ) -> Outcome {
+        let Prepared {
+            backend,
+            backend_early,
+            limits,
+            guards,
+            meter,
+        } = *self;
+        // Everything the relay keeps lives in one box, worked on in place: nothing
+        // big is moved from one layer of the connection's future to the next.
+        let mut tunnel = Box::new(Tunnel {
+            client,
+            backend,
+            limits,
+            guards,
+            meter,
+            up: Flow::new(limits.max_message_size),
+            down: Flow::new(limits.max_message_size),
+            first_close: None,
+            last_activity: Instant::now(),
+        });
+        tunnel.run(client_early, backend_early, shutdown).await
+    }
+}
+
+/// Both streams of one proxied WebSocket and everything the relay keeps.
+struct Tunnel<C, B> {
+    client: C,
+    backend: B,
+    limits: Limits,
+    guards: Guards,
     /// Message and byte counters; `None` with message metrics off.
     meter: Option<Meter>,
     /// Client to backend.
     up: Flow,
     /// Backend to client.
     down: Flow,
-}
-
-impl<G> Tunnel<G> {
-    pub fn new(
-        backend: TcpStream,
-        backend_early: Bytes,
-        limits: Limits,
-        guard: G,
-        meter: Option<Meter>,
-    ) -> Box<Tunnel<G>> {
-        Box::new(Tunnel {
-            backend,
-            backend_early,
-            limits,
-            guard: Some(guard),
-            meter,
-            up: Flow::new(limits.max_message_size),
-            down: Flow::new(limits.max_message_size),
-        })
-    }
-
-    /// Relays between `client` (with the bytes it sent behind its upgrade request)
-    /// and the backend until the connection ends, then closes both sockets.
-    pub async fn run(
-        mut self: Box<Self>,
-        client: TcpStream,
-        client_early: Bytes,
-        shutdown: CancellationToken,
-    ) -> Outcome {
-        let backend_early = std::mem::take(&mut self.backend_early);
-        let t = &mut *self;
-        let mut first_close = None;
-        let end = match feed_early(
-            &client,
-            client_early,
-            &t.backend,
-            backend_early,
-            &mut t.up,
-            &mut t.down,
-        ) {
-            Some(end) => end,
-            None => {
-                relay(
-                    &client,
-                    &t.backend,
-                    &mut t.up,
-                    &mut t.down,
-                    t.limits.idle_timeout,
-                    &shutdown,
-                    &mut t.meter,
-                    &mut first_close,
-                )
-                .await
-            }
-        };
-        if let Some(meter) = t.meter.as_mut() {
-            meter.add(&t.up, &t.down, Instant::now());
-        }
-        if first_close.is_none() {
-            first_close = match (t.up.walker.close_code(), t.down.walker.close_code()) {
-                (Some(_), _) => Some(Side::Client),
-                (None, Some(_)) => Some(Side::Backend),
-                (None, None) => None,
-            };
-        }
-        let outcome = Outcome {
-            end,
-            first_close,
-            client_to_backend: t.up.tally(),
-            backend_to_client: t.down.tally(),
-        };
-        // After `Closed` both sides have sent and received FIN: nothing to close.
-        if end != End::Closed {
-            // Boxed: the closing steps take room only in the rare tunnel that is
-            // closing, not in every idle one.
-            Box::pin(finish(client, t, end)).await;
-        }
-        outcome
-    }
-}
-
-/// Closes both sides after `end`: close frames where they belong, FIN, then a
-/// bounded wait for each peer to close. The guard is released as soon as the
-/// backend side is done, not after the client has finished closing.
-async fn finish<G>(mut client: TcpStream, tunnel: &mut Tunnel<G>, end: End) {
-    let (to_client, to_backend) = match end {
-        End::Closed => (None, None),
-        End::ClientGone => (None, Some(close_code::GOING_AWAY)),
-        End::BackendGone => (Some(close_code::BACKEND_GONE), None),
-        End::TooBig(_) => (
-            Some(close_code::MESSAGE_TOO_BIG),
-            Some(close_code::MESSAGE_TOO_BIG),
-        ),
-        End::Idle | End::Shutdown => (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY)),
-    };
-    let Tunnel {
-        backend,
-        guard,
-        up,
-        down,
-        ..
-    } = tunnel;
-    let close_backend = async {
-        if end != End::BackendGone {
-            let mask = fastrand::u32(..).to_be_bytes();
-            let closed = close_side(backend, up, to_backend, Some(mask));
-            if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
-                tracing::debug!(error = %e, "backend gone while closing");
-            }
-        }
-        drop(guard.take());
-    };
-    let close_client = async {
-        if end != End::ClientGone {
-            let closed = close_side(&mut client, down, to_client, None);
-            if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
-                tracing::debug!(error = %e, "client gone while closing");
-            }
-        }
-    };
-    tokio::join!(close_backend, close_client);
-}
-
-/// Ends one side gracefully: writes what is pending, then a close frame with `code`
-/// where the receiver is at a frame boundary and has not had one, then FIN; then
-/// reads (and drops) until the peer closes, so that our close frame is not lost to
-/// a reset caused by unread data. Errors mean the peer is gone: nothing left to do.
-async fn close_side(
-    stream: &mut TcpStream,
-    toward: &mut Flow,
-    code: Option<u16>,
-    mask: Option<[u8; 4]>,
-) -> io::Result<()> {
-    if !toward.pending.is_empty() {
-        stream.write_all(&toward.pending).await?;
-        toward.pending = Vec::new();
-    }
-    if let Some(code) = code
-        && toward.can_inject_close()
-    {
-        let (frame, len) = close_frame(code, mask);
-        stream.write_all(&frame[..len]).await?;
-    }
-    stream.shutdown().await?;
-    loop {
-        stream.readable().await?;
-        if drain_now(stream)? {
-            return Ok(());
-        }
-    }
-}
-
-/// Reads and drops what is there; true at EOF.
-fn drain_now(stream: &TcpStream) -> io::Result<bool> {
-    READ_BUFFER.with_borrow_mut(|sink| drain_into(sink, stream))
-}
-
-fn drain_into(sink: &mut [u8], stream: &TcpStream) -> io::Result<bool> {
-    loop {
-        match stream.try_read(sink) {
-            Ok(0) => return Ok(true),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Bytes the HTTP layer read along with the handshake go through the walker like
-/// any other, first; they are dropped here, so the tunnel holds no HTTP buffer.
-fn feed_early(
-    client: &TcpStream,
-    client_early: Bytes,
-    backend: &TcpStream,
-    backend_early: Bytes,
-    up: &mut Flow,
-    down: &mut Flow,
-) -> Option<End> {
-    for (data, to, flow, side) in [
-        (client_early, backend, &mut *up, Side::Client),
-        (backend_early, client, &mut *down, Side::Backend),
-    ] {
-        if data.is_empty() {
-            continue;
-        }
-        flow.bytes += data.len() as u64;
-        let step = match flow.walker.walk(&data) {
-            Walk::Forward { held } => {
-                let end = data.len() - held;
-                flow.carry[..held].copy_from_slice(&data[end..]);
-                flow.carry_len = held;
-                write_now(to, &data[..end], &mut flow.pending).map(|_| false)
-            }
-            Walk::TooBig { at } => write_now(to, &data[..at], &mut flow.pending).map(|_| true),
-        };
-        match (step, side) {
-            (Ok(true), side) => return Some(End::TooBig(side)),
-            (Ok(false), _) => {}
-            (Err(_), Side::Client) => return Some(End::BackendGone),
-            (Err(_), Side::Backend) => return Some(End::ClientGone),
-        }
-    }
-    None
+    /// Who sent the first close frame, once someone has.
+    first_close: Option<Side>,
+    last_activity: Instant,
 }
 
 /// What woke the relay.
 enum Event {
     Shutdown,
     Idle,
-    ClientReadable(io::Result<()>),
-    BackendReadable(io::Result<()>),
-    BackendWritable(io::Result<()>),
-    ClientWritable(io::Result<()>),
+    ClientRead(Step),
+    BackendRead(Step),
+    /// What was pending for the backend is written, or writing it failed.
+    BackendFlushed(io::Result<()>),
+    ClientFlushed(io::Result<()>),
 }
 
-/// The relay loop proper; returns why it stopped. On `Closed` both sides have
-/// sent FIN and every byte was delivered.
-///
-/// It waits with `poll_*_ready` on the streams it owns (one waker slot each, no
-/// waiter list to join and leave per event) and a cancellation future pinned
-/// once, so an event costs the system calls that move the bytes and little else.
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
-    up: &mut Flow,
-    down: &mut Flow,
-    idle_timeout: Duration,
-    shutdown: &CancellationToken,
-    meter: &mut Option<Meter>,
-    first_close: &mut Option<Side>,
-) -> End {
-    let mut last_activity = Instant::now();
-    let idle = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle);
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    // Which side is looked at first when both are readable, for fairness.
-    let mut client_first = true;
-
-    loop {
-        if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
-            return End::Closed;
+impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
+    async fn run(
+        &mut self,
+        client_early: Bytes,
+        backend_early: Bytes,
+        shutdown: CancellationToken,
+    ) -> Outcome {
+        let end = match self.feed_early(client_early, backend_early) {
+            Some(end) => end,
+            None => self.relay(&shutdown).await,
+        };
+        if let Some(meter) = self.meter.as_mut() {
+            meter.add(&self.up, &self.down, Instant::now());
         }
-        if first_close.is_none() {
-            if up.walker.close_code().is_some() {
-                *first_close = Some(Side::Client);
-            } else if down.walker.close_code().is_some() {
-                *first_close = Some(Side::Backend);
+        self.note_first_close();
+        let outcome = Outcome {
+            end,
+            first_close: self.first_close,
+            client_to_backend: self.up.tally(),
+            backend_to_client: self.down.tally(),
+        };
+        // After `Closed` both sides have sent and received FIN: nothing to close.
+        if end != End::Closed {
+            // Boxed: the closing steps take room only in the rare tunnel that is
+            // closing, not in every idle one.
+            Box::pin(self.finish(end)).await;
+        }
+        outcome
+    }
+
+    /// Bytes the HTTP layer read along with the handshake go through the walker like
+    /// any other, first; they are dropped here, so the tunnel holds no HTTP buffer.
+    fn feed_early(&mut self, client_early: Bytes, backend_early: Bytes) -> Option<End> {
+        if !client_early.is_empty() {
+            self.up.bytes += client_early.len() as u64;
+            match self.up.forward(&client_early, &mut self.backend) {
+                Ok(true) => return Some(End::TooBig(Side::Client)),
+                Ok(false) => {}
+                Err(_) => return Some(End::BackendGone),
             }
         }
-        if let Some(m) = meter.as_mut()
-            && last_activity.duration_since(m.last_added) >= METER_EVERY
-        {
-            m.add(up, down, last_activity);
+        if !backend_early.is_empty() {
+            self.down.bytes += backend_early.len() as u64;
+            match self.down.forward(&backend_early, &mut self.client) {
+                Ok(true) => return Some(End::TooBig(Side::Backend)),
+                Ok(false) => {}
+                Err(_) => return Some(End::ClientGone),
+            }
         }
+        None
+    }
+
+    fn note_first_close(&mut self) {
+        if self.first_close.is_none() {
+            if self.up.walker.close_code().is_some() {
+                self.first_close = Some(Side::Client);
+            } else if self.down.walker.close_code().is_some() {
+                self.first_close = Some(Side::Backend);
+            }
+        }
+    }
+
+    /// The relay loop proper; returns why it stopped. On `Closed` both sides have
+    /// sent FIN and every byte was delivered.
+    ///
+    /// It waits with the streams' own poll functions (one waker slot each, no
+    /// waiter list to join and leave per event) and a cancellation future pinned
+    /// once, so an event costs the system calls that move the bytes and little else.
+    async fn relay(&mut self, shutdown: &CancellationToken) -> End {
+        let idle = tokio::time::sleep(self.limits.idle_timeout);
+        tokio::pin!(idle);
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        // Which side is looked at first when both are readable, for fairness.
+        let mut client_first = true;
+        loop {
+            let (up, down) = (&self.up, &self.down);
+            if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
+                return End::Closed;
+            }
+            self.note_first_close();
+            if let Some(m) = self.meter.as_mut()
+                && self.last_activity.duration_since(m.last_added) >= METER_EVERY
+            {
+                m.add(&self.up, &self.down, self.last_activity);
+            }
+            client_first = !client_first;
+            let event = self
+                .next_event(client_first, &mut cancelled, &mut idle)
+                .await;
+            let ended = match event {
+                Event::Shutdown => Some(End::Shutdown),
+                Event::Idle => self.on_idle(idle.as_mut()),
+                Event::ClientRead(step) => self.on_client_read(step),
+                Event::BackendRead(step) => self.on_backend_read(step),
+                Event::BackendFlushed(flushed) => flushed.is_err().then_some(End::BackendGone),
+                Event::ClientFlushed(flushed) => flushed.is_err().then_some(End::ClientGone),
+            };
+            if let Some(end) = ended {
+                return end;
+            }
+        }
+    }
+
+    /// Waits for the next thing to do; a readable side is read and forwarded
+    /// right here, in the same poll.
+    async fn next_event(
+        &mut self,
+        client_first: bool,
+        cancelled: &mut Pin<&mut impl Future<Output = ()>>,
+        idle: &mut Pin<&mut tokio::time::Sleep>,
+    ) -> Event {
+        let Tunnel {
+            client,
+            backend,
+            up,
+            down,
+            ..
+        } = self;
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();
         let flush_backend = !up.pending.is_empty();
         let flush_client = !down.pending.is_empty();
-        client_first = !client_first;
-        let event = std::future::poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
             for client_turn in [client_first, !client_first] {
                 if client_turn
                     && read_client
-                    && let Poll::Ready(r) = client.poll_read_ready(cx)
+                    && let Poll::Ready(step) = pump(cx, client, backend, up)
                 {
-                    return Poll::Ready(Event::ClientReadable(r));
+                    return Poll::Ready(Event::ClientRead(step));
                 }
                 if !client_turn
                     && read_backend
-                    && let Poll::Ready(r) = backend.poll_read_ready(cx)
+                    && let Poll::Ready(step) = pump(cx, backend, client, down)
                 {
-                    return Poll::Ready(Event::BackendReadable(r));
+                    return Poll::Ready(Event::BackendRead(step));
                 }
             }
-            if flush_backend && let Poll::Ready(r) = backend.poll_write_ready(cx) {
-                return Poll::Ready(Event::BackendWritable(r));
+            if flush_backend
+                && let Poll::Ready(r) = poll_flush_pending(cx, backend, &mut up.pending)
+            {
+                return Poll::Ready(Event::BackendFlushed(r));
             }
-            if flush_client && let Poll::Ready(r) = client.poll_write_ready(cx) {
-                return Poll::Ready(Event::ClientWritable(r));
+            if flush_client
+                && let Poll::Ready(r) = poll_flush_pending(cx, client, &mut down.pending)
+            {
+                return Poll::Ready(Event::ClientFlushed(r));
             }
             if idle.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Idle);
             }
             Poll::Pending
         })
-        .await;
-        match event {
-            Event::Shutdown => return End::Shutdown,
-            Event::Idle => {
-                let deadline = last_activity + idle_timeout;
-                if Instant::now() >= deadline {
-                    return End::Idle;
+        .await
+    }
+
+    /// The idle timer fired: end the tunnel, or wait for the rest of the timeout
+    /// when there was traffic meanwhile.
+    fn on_idle(&mut self, idle: Pin<&mut tokio::time::Sleep>) -> Option<End> {
+        let deadline = self.last_activity + self.limits.idle_timeout;
+        if Instant::now() >= deadline {
+            return Some(End::Idle);
+        }
+        idle.reset(deadline);
+        None
+    }
+
+    fn on_client_read(&mut self, step: Step) -> Option<End> {
+        self.last_activity = Instant::now();
+        match step {
+            Step::Moved => None,
+            Step::Eof => {
+                self.up.eof = true;
+                if self.up.walker.close_code().is_none() {
+                    return Some(End::ClientGone);
                 }
-                idle.as_mut().reset(deadline);
+                // With both sides done, closing the streams sends the FIN.
+                if !self.down.eof {
+                    shutdown_write(&mut self.backend);
+                }
+                None
             }
-            Event::ClientReadable(ready) => {
-                if ready.is_err() {
-                    return End::ClientGone;
-                }
-                last_activity = Instant::now();
-                match pump(client, backend, up) {
-                    Step::Moved => {}
-                    Step::Eof => {
-                        up.eof = true;
-                        if up.walker.close_code().is_none() {
-                            return End::ClientGone;
-                        }
-                        // With both sides done, closing the sockets sends the FIN.
-                        if !down.eof {
-                            shutdown_write(backend);
-                        }
-                    }
-                    Step::TooBig => return End::TooBig(Side::Client),
-                    Step::ReadFailed(e) => return gone(End::ClientGone, &e),
-                    Step::WriteFailed(e) => return gone(End::BackendGone, &e),
-                }
-            }
-            Event::BackendReadable(ready) => {
-                if ready.is_err() {
-                    return End::BackendGone;
-                }
-                last_activity = Instant::now();
-                match pump(backend, client, down) {
-                    Step::Moved => {}
-                    Step::Eof => {
-                        down.eof = true;
-                        if down.walker.close_code().is_none() {
-                            return End::BackendGone;
-                        }
-                        if !up.eof {
-                            shutdown_write(client);
-                        }
-                    }
-                    Step::TooBig => return End::TooBig(Side::Backend),
-                    Step::ReadFailed(e) => return gone(End::BackendGone, &e),
-                    Step::WriteFailed(e) => return gone(End::ClientGone, &e),
-                }
-            }
-            Event::BackendWritable(ready) => {
-                if ready.is_err() || flush_now(backend, &mut up.pending).is_err() {
-                    return End::BackendGone;
-                }
-            }
-            Event::ClientWritable(ready) => {
-                if ready.is_err() || flush_now(client, &mut down.pending).is_err() {
-                    return End::ClientGone;
-                }
-            }
+            Step::TooBig => Some(End::TooBig(Side::Client)),
+            Step::ReadFailed(e) => Some(gone(End::ClientGone, &e)),
+            Step::WriteFailed(e) => Some(gone(End::BackendGone, &e)),
         }
     }
+
+    fn on_backend_read(&mut self, step: Step) -> Option<End> {
+        self.last_activity = Instant::now();
+        match step {
+            Step::Moved => None,
+            Step::Eof => {
+                self.down.eof = true;
+                if self.down.walker.close_code().is_none() {
+                    return Some(End::BackendGone);
+                }
+                if !self.up.eof {
+                    shutdown_write(&mut self.client);
+                }
+                None
+            }
+            Step::TooBig => Some(End::TooBig(Side::Backend)),
+            Step::ReadFailed(e) => Some(gone(End::BackendGone, &e)),
+            Step::WriteFailed(e) => Some(gone(End::ClientGone, &e)),
+        }
+    }
+
+    /// Closes both sides after `end`: close frames where they belong, FIN, then a
+    /// bounded wait for each peer to close. The backend's count and presence are
+    /// released as soon as the backend side is done, not after the client has
+    /// finished closing.
+    async fn finish(&mut self, end: End) {
+        let (to_client, to_backend) = match end {
+            End::Closed => (None, None),
+            End::ClientGone => (None, Some(close_code::GOING_AWAY)),
+            End::BackendGone => (Some(close_code::BACKEND_GONE), None),
+            End::TooBig(_) => (
+                Some(close_code::MESSAGE_TOO_BIG),
+                Some(close_code::MESSAGE_TOO_BIG),
+            ),
+            End::Idle | End::Shutdown => {
+                (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
+            }
+        };
+        let Tunnel {
+            client,
+            backend,
+            guards,
+            up,
+            down,
+            ..
+        } = self;
+        let close_backend = async {
+            if end != End::BackendGone {
+                let mask = fastrand::u32(..).to_be_bytes();
+                let closed = close_side(backend, up, to_backend, Some(mask));
+                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                    tracing::debug!(error = %e, "backend gone while closing");
+                }
+            }
+            guards.release_backend();
+        };
+        let close_client = async {
+            if end != End::ClientGone {
+                let closed = close_side(client, down, to_client, None);
+                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                    tracing::debug!(error = %e, "client gone while closing");
+                }
+            }
+        };
+        tokio::join!(close_backend, close_client);
+    }
+}
+
+/// Ends one side gracefully: writes what is pending, then a close frame with `code`
+/// where the receiver is at a frame boundary and has not had one, then FIN; then
+/// reads (and drops) until the peer closes, so that our close frame is not lost to
+/// a reset caused by unread data. Errors mean the peer is gone: nothing left to do.
+async fn close_side<T: RelayIo>(
+    stream: &mut T,
+    toward: &mut Flow,
+    code: Option<u16>,
+    mask: Option<[u8; 4]>,
+) -> io::Result<()> {
+    if !toward.pending.is_empty() {
+        let pending = std::mem::take(&mut toward.pending);
+        write_all(stream, &pending).await?;
+    }
+    if let Some(code) = code
+        && toward.can_inject_close()
+    {
+        let (frame, len) = close_frame(code, mask);
+        write_all(stream, &frame[..len]).await?;
+    }
+    stream.shutdown_write()?;
+    drain(stream).await
 }
 
 fn gone(end: End, error: &io::Error) -> End {
@@ -657,8 +824,74 @@ fn gone(end: End, error: &io::Error) -> End {
 /// Sends FIN: the peer has said all it will say, pass that on. (EOF is only taken
 /// with nothing pending.) A failure means the receiver is gone already, which its
 /// own read or write reports next; there is nothing else to do about it here.
-fn shutdown_write(stream: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+fn shutdown_write<T: RelayIo>(stream: &mut T) {
+    if let Err(e) = stream.shutdown_write() {
         tracing::debug!(error = %e, "shutdown after EOF");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{OP_TEXT, encode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn no_guards() -> Guards {
+        Guards {
+            backend: None,
+            presence: None,
+            permit: None,
+        }
+    }
+
+    /// The seam: a tunnel between two in-memory streams (as TLS or HTTP/2 streams
+    /// plug in) walks and relays frames both ways and ends on a close handshake.
+    #[tokio::test]
+    async fn relays_between_polled_streams() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (backend, mut backend_peer) = tokio::io::duplex(64);
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(5),
+            max_message_size: 1024,
+        };
+        let prepared = Prepared::new(
+            Polled::new(backend),
+            Bytes::new(),
+            limits,
+            no_guards(),
+            None,
+        );
+        let tunnel =
+            tokio::spawn(prepared.run(Polled::new(client), Bytes::new(), CancellationToken::new()));
+        // Larger than the duplex buffers: the relay must wait for the reader.
+        let payload = vec![b'x'; 500];
+        let up = encode(0x80 | OP_TEXT, &payload, Some([1, 2, 3, 4]));
+        let mut got = vec![0; up.len()];
+        let (wrote, read) = tokio::join!(
+            client_peer.write_all(&up),
+            backend_peer.read_exact(&mut got)
+        );
+        wrote.unwrap();
+        read.unwrap();
+        assert_eq!(got, up);
+        let down = encode(0x80 | OP_TEXT, b"hi", None);
+        backend_peer.write_all(&down).await.unwrap();
+        let mut got = vec![0; down.len()];
+        client_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, down);
+        let (close_up, n) = close_frame(1000, Some([9, 9, 9, 9]));
+        client_peer.write_all(&close_up[..n]).await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        let (close_down, n) = close_frame(1000, None);
+        backend_peer.write_all(&close_down[..n]).await.unwrap();
+        backend_peer.shutdown().await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), tunnel)
+            .await
+            .expect("tunnel ends")
+            .expect("no panic");
+        assert_eq!(outcome.end, End::Closed);
+        assert_eq!(outcome.first_close, Some(Side::Client));
+        assert_eq!(outcome.client_to_backend.messages, 1);
+        assert_eq!(outcome.backend_to_client.messages, 1);
     }
 }

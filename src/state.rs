@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::Pool;
 use crate::config::{Config, HostPattern, IdentitySource, ServerConfig};
+use crate::metrics::PoolMetrics;
 
 /// One consistent view of routes and pools.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub struct Route {
     pub host: HostPattern,
     pub path: String,
     pub pool: Arc<Pool>,
+    /// The pool's metric handles, built with it.
+    pub metrics: Arc<PoolMetrics>,
     pub identity: Option<IdentitySource>,
 }
 
@@ -62,6 +65,10 @@ impl Snapshot {
                 (name.clone(), Arc::new(Pool::new(name, settings, old)))
             })
             .collect();
+        let metrics: BTreeMap<&str, Arc<PoolMetrics>> = pools
+            .iter()
+            .map(|(name, pool)| (name.as_str(), Arc::new(PoolMetrics::new(pool))))
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -70,6 +77,7 @@ impl Snapshot {
                     host: r.host.clone(),
                     path: r.path.clone(),
                     pool: pools.get(&r.pool)?.clone(),
+                    metrics: metrics.get(r.pool.as_str())?.clone(),
                     identity: r.identity.clone(),
                 })
             })

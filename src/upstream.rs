@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::balancer::{Backend, ConnGuard, Pool};
+use crate::balancer::{ConnGuard, Pool};
 use crate::config::BackendAddr;
 use crate::handshake;
 
@@ -30,6 +30,8 @@ pub enum Answer {
 }
 
 pub struct Upgraded {
+    /// The backend's place in its pool.
+    pub index: usize,
     pub stream: TcpStream,
     /// Bytes the backend sent right behind its 101.
     pub early: Bytes,
@@ -114,7 +116,7 @@ pub async fn open(
         };
         tried.push(index);
         let backend = guard.backend().clone();
-        let connected = timeout(settings.connect_timeout, connect(&backend)).await;
+        let connected = timeout(settings.connect_timeout, connect(&backend.addr)).await;
         if let Some(health) = &settings.health {
             crate::health::record(&pool.name, &backend, matches!(connected, Ok(Ok(_))), health);
         }
@@ -122,7 +124,7 @@ pub async fn open(
             Ok(Ok(stream)) => {
                 return timeout(
                     settings.handshake_timeout,
-                    handshake(stream, request, guard),
+                    handshake(stream, request, index, guard),
                 )
                 .await
                 .unwrap_or_else(|_| {
@@ -149,8 +151,9 @@ pub async fn open(
     Err(last_error)
 }
 
-async fn connect(backend: &Backend) -> io::Result<TcpStream> {
-    let stream = match &backend.addr {
+/// Opens a TCP connection to a backend (for upgrades and health checks alike).
+pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
+    let stream = match addr {
         BackendAddr::Ip(addr) => TcpStream::connect(*addr).await?,
         BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await?,
     };
@@ -164,6 +167,7 @@ async fn connect(backend: &Backend) -> io::Result<TcpStream> {
 async fn handshake(
     stream: TcpStream,
     request: Request<Empty<Bytes>>,
+    index: usize,
     guard: ConnGuard,
 ) -> Result<Answer, UpstreamError> {
     // The address is copied only when there is an error to report.
@@ -202,6 +206,7 @@ async fn handshake(
             .map_err(|_| UpstreamError::Takeover { addr: addr() })?;
         let (head, _) = response.into_parts();
         return Ok(Answer::Upgraded(Upgraded {
+            index,
             stream: parts.io.into_inner(),
             early: parts.read_buf,
             head,

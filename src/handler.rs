@@ -1,0 +1,325 @@
+//! The per-request path: which route, is the request valid, whose is it, which
+//! backend answered, then the tunnel. Each step returns the next value or a typed
+//! [`Refusal`]; every upgrade's outcome is counted in one place ([`handle`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use hyper::Response;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cluster::Cluster;
+use crate::handshake::{self, Rejection};
+use crate::metrics::{self as m, PoolMetrics};
+use crate::presence::{self, PresenceEntry};
+use crate::relay::{End, Guards, Limits, Meter, Outcome, Prepared, Side};
+use crate::state::{Route, Snapshot, State};
+use crate::upstream::{self, Answer, Upgraded};
+
+/// What every request needs; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: Arc<State>,
+    pub cluster: Arc<Cluster>,
+    pub page: Option<&'static str>,
+    /// Count messages and bytes per direction.
+    pub message_metrics: bool,
+    /// Holds every connection task, tunnels included.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// One permit per client connection, held from accept to the end of its tunnel.
+    pub permits: Arc<Semaphore>,
+}
+
+/// Connection ids for logs, unique within the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Why an upgrade request did not become a tunnel: the answer the client gets and
+/// the labels it is counted under.
+pub struct Refusal {
+    pub pool: String,
+    /// The backend that answered or failed, if one was asked.
+    pub backend: String,
+    /// The `result` label of `wsgate_upgrades_total`.
+    pub result: &'static str,
+    /// Boxed: a refusal travels through every step's `Result`.
+    pub response: Box<Response<Full<Bytes>>>,
+}
+
+impl Refusal {
+    fn new(pool: &str, result: &'static str, response: Response<Full<Bytes>>) -> Refusal {
+        Refusal {
+            pool: pool.to_string(),
+            backend: String::new(),
+            result,
+            response: Box::new(response),
+        }
+    }
+}
+
+/// A backend said 101: what the tunnel is built from.
+struct Accepted {
+    route_pool: Arc<crate::balancer::Pool>,
+    metrics: Arc<PoolMetrics>,
+    upgraded: Upgraded,
+    user: Option<String>,
+    client: OnUpgrade,
+}
+
+/// Answers one request: the demo page, a refusal, the backend's own refusal, or a
+/// 101 with the tunnel started behind it.
+pub async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Shared,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<Full<Bytes>> {
+    if let Some(page) = page(&shared, &req) {
+        return page;
+    }
+    let started = Instant::now();
+    let snapshot = shared.state.load();
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "conn",
+        id,
+        %peer,
+        route = tracing::field::Empty,
+        pool = tracing::field::Empty,
+        backend = tracing::field::Empty,
+    );
+    let accepted = upgrade(&mut req, peer, &snapshot, &span)
+        .instrument(span.clone())
+        .await;
+    match accepted {
+        Ok(accepted) => {
+            let Upgraded { index, .. } = accepted.upgraded;
+            if let Some(ok) = accepted.metrics.upgrades_ok.get(index) {
+                ok.increment(1);
+            }
+            accepted
+                .metrics
+                .upgrade
+                .record(started.elapsed().as_secs_f64());
+            start_tunnel(accepted, id, &shared, permit, span)
+        }
+        Err(refusal) => {
+            m::upgrade_counter(&refusal.pool, &refusal.backend, refusal.result).increment(1);
+            *refusal.response
+        }
+    }
+}
+
+/// The demo's page, for a plain `GET /` when the gateway has one.
+fn page(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let html = shared.page?;
+    if req.uri().path() != "/" || req.headers().contains_key(http::header::UPGRADE) {
+        return None;
+    }
+    let mut page = Response::new(Full::new(Bytes::from_static(html.as_bytes())));
+    page.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    Some(page)
+}
+
+/// Route → validate → identity → backend.
+async fn upgrade(
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    span: &tracing::Span,
+) -> Result<Accepted, Refusal> {
+    let route = find_route(snapshot, req)?;
+    span.record("route", route.path.as_str());
+    span.record("pool", route.pool.name.as_str());
+    validate(route, req)?;
+    let user = identity(route, req)?;
+    let client = hyper::upgrade::on(&mut *req);
+    let request = handshake::backend_request(req, peer, "http", user.as_deref());
+    let upgraded = ask_backends(route, request).await?;
+    span.record(
+        "backend",
+        tracing::field::display(&upgraded.guard.backend().addr),
+    );
+    Ok(Accepted {
+        route_pool: route.pool.clone(),
+        metrics: route.metrics.clone(),
+        upgraded,
+        user,
+        client,
+    })
+}
+
+/// Which route: the first that matches host and path.
+fn find_route<'s>(snapshot: &'s Snapshot, req: &Request<Incoming>) -> Result<&'s Route, Refusal> {
+    snapshot
+        .route(handshake::request_host(req), req.uri().path())
+        .ok_or_else(|| {
+            tracing::debug!(path = req.uri().path(), "no route");
+            Refusal::new("", "no_route", Rejection::NoRoute.response())
+        })
+}
+
+/// Is it a valid WebSocket upgrade (RFC 6455 §4.2.1)?
+fn validate(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
+    handshake::validate(req).map_err(|rejection| {
+        tracing::debug!(?rejection, "rejected upgrade");
+        Refusal::new(&route.pool.name, "bad_request", rejection.response())
+    })
+}
+
+/// Whose is it: the presence identity, when the route reads one.
+fn identity(route: &Route, req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
+    let Some(source) = &route.identity else {
+        return Ok(None);
+    };
+    presence::identity(source, req).map_err(|reason| {
+        Refusal::new(
+            &route.pool.name,
+            "bad_request",
+            Rejection::Malformed(reason).response(),
+        )
+    })
+}
+
+/// Which backend answered: a 101, or the backend's own answer passed back.
+async fn ask_backends(
+    route: &Route,
+    request: Request<http_body_util::Empty<Bytes>>,
+) -> Result<Upgraded, Refusal> {
+    let pool = &route.pool;
+    let mut rng = fastrand::Rng::new();
+    match upstream::open(pool, request, &mut rng).await {
+        Ok(Answer::Upgraded(upgraded)) => Ok(upgraded),
+        Ok(Answer::Declined { response, backend }) => {
+            tracing::info!(status = %response.status(), %backend, "backend declined the upgrade");
+            Err(Refusal {
+                pool: pool.name.clone(),
+                backend: backend.to_string(),
+                result: "backend_rejected",
+                response: Box::new(response),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no backend took the upgrade");
+            Err(Refusal {
+                pool: pool.name.clone(),
+                backend: e.backend().map(ToString::to_string).unwrap_or_default(),
+                result: e.label(),
+                response: Box::new(handshake::plain(e.status(), &e.to_string())),
+            })
+        }
+    }
+}
+
+/// Joins presence, builds the tunnel and spawns its task; returns the 101.
+fn start_tunnel(
+    accepted: Accepted,
+    id: u64,
+    shared: &Shared,
+    permit: Arc<OwnedSemaphorePermit>,
+    span: tracing::Span,
+) -> Response<Full<Bytes>> {
+    let Accepted {
+        route_pool: pool,
+        metrics,
+        upgraded,
+        user,
+        client,
+    } = accepted;
+    let Upgraded {
+        stream,
+        early,
+        head,
+        guard,
+        ..
+    } = upgraded;
+    let presence = user.map(|user| {
+        shared.cluster.presence().join(PresenceEntry {
+            user,
+            instance: shared.cluster.instance_id().to_string(),
+            pool: pool.name.clone(),
+            backend: guard.backend().addr.to_string(),
+            conn: id,
+            since: presence::now_ms(),
+        })
+    });
+    let limits = Limits {
+        idle_timeout: pool.settings.idle_timeout,
+        max_message_size: pool.settings.max_message_size,
+    };
+    let guards = Guards {
+        backend: Some(guard),
+        presence,
+        permit: Some(permit),
+    };
+    let meter = shared.message_metrics.then(|| Meter::new(&pool.name));
+    let tunnel = Prepared::new(stream, early, limits, guards, meter);
+    let shutdown = shared.shutdown.clone();
+    let task = async move {
+        let client = match client.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "client left during the upgrade");
+                return;
+            }
+        };
+        let Ok(client) = client.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("client connection of an unexpected type");
+            return;
+        };
+        tracing::debug!("tunnel open");
+        let opened = Instant::now();
+        let outcome = tunnel
+            .run(client.io.into_inner(), client.read_buf, shutdown)
+            .await;
+        count_close(&pool.name, &outcome);
+        metrics.connection.record(opened.elapsed().as_secs_f64());
+        tracing::debug!(?outcome, "tunnel closed");
+    }
+    .instrument(span);
+    shared.tracker.spawn(task);
+    handshake::switching_protocols(head)
+}
+
+/// One count per ended tunnel: who started the close and with which code.
+fn count_close(pool: &str, outcome: &Outcome) {
+    use crate::frame::close_code;
+    let side = |s: Side| match s {
+        Side::Client => "client",
+        Side::Backend => "backend",
+    };
+    let first_code = |s: Side| match s {
+        Side::Client => outcome.client_to_backend.close_code,
+        Side::Backend => outcome.backend_to_client.close_code,
+    };
+    let (initiator, code) = match (outcome.end, outcome.first_close) {
+        (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
+        (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
+        (_, Some(s)) => (side(s), first_code(s)),
+        (End::ClientGone, None) => ("client", None),
+        (End::BackendGone, None) => ("backend", None),
+        (End::Closed, None) => ("client", None),
+    };
+    ::metrics::counter!(
+        m::CLOSES,
+        "pool" => pool.to_string(),
+        "code" => m::close_code_label(code),
+        "initiator" => initiator,
+    )
+    .increment(1);
+}
