@@ -51,6 +51,11 @@ impl Backend {
         self.healthy.store(healthy, Ordering::Relaxed);
     }
 
+    /// Sets health; true when this call changed it (so exactly one caller logs).
+    pub(crate) fn flip_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
@@ -131,7 +136,14 @@ impl Pool {
             .map(|config| {
                 previous
                     .and_then(|p| p.backends.iter().find(|b| b.addr == config.addr))
-                    .inspect(|b| b.weight.store(config.weight.get(), Ordering::Relaxed))
+                    .inspect(|b| {
+                        b.weight.store(config.weight.get(), Ordering::Relaxed);
+                        if settings.health.is_none() {
+                            // Nothing checks it any more: it counts as healthy.
+                            b.set_healthy(true);
+                            b.streak.store(0, Ordering::Relaxed);
+                        }
+                    })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Backend::new(config)))
             })

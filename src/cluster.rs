@@ -22,32 +22,32 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::ClusterConfig;
 use crate::presence::{Presence, PresenceEntry, PresenceEvent, now_ms};
 use crate::state::State;
 
 /// Longest wait for one Redis call; Redis slower than this counts as down.
 const MAX_CALL_TIME: Duration = Duration::from_secs(2);
-/// First pause before reconnecting; doubles up to half a heartbeat.
+/// First pause before trying Redis again after a failure; doubles up to half a
+/// heartbeat.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("redis: {0}")]
+    #[error(transparent)]
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("not connected to redis")]
-    NotConnected,
     #[error("a presence record in redis is not valid JSON")]
     Json(#[from] serde_json::Error),
 }
@@ -78,7 +78,8 @@ pub struct Remote {
 
 /// Where cluster state lives.
 pub trait Store: Send + Sync {
-    /// (Re)connects; called after start-up and after any failure.
+    /// Checks that the store answers; called after start-up and after any
+    /// failure, before everything is published again.
     fn connect(&self) -> StoreFuture<'_, ()>;
     /// Writes this instance's state and refreshes its keys' TTL.
     fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, ()>;
@@ -166,11 +167,10 @@ impl Keys {
     }
 }
 
-/// Cluster state in Redis, through one multiplexed connection that is replaced
-/// whenever a call fails.
+/// Cluster state in Redis, through one multiplexed connection that the redis
+/// crate's `ConnectionManager` re-establishes (with its own backoff) when it drops.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: ConnectionManager,
     keys: Keys,
     instance: String,
     ttl: Duration,
@@ -178,23 +178,20 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// A store for `url`; connects on first use, never blocks here.
     pub fn new(url: &str, config: &ClusterConfig) -> Result<RedisStore, ClusterError> {
+        let call_time = config.heartbeat.min(MAX_CALL_TIME);
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(call_time))
+            .set_response_timeout(Some(call_time))
+            .set_max_delay(config.heartbeat / 2);
         Ok(RedisStore {
-            client: redis::Client::open(url)?,
-            conn: Mutex::new(None),
+            conn: ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager)?,
             keys: Keys::new(&config.name),
             instance: config.instance_id.clone(),
             ttl: config.heartbeat * 3,
-            call_time: config.heartbeat.min(MAX_CALL_TIME),
+            call_time,
         })
-    }
-
-    fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(ClusterError::NotConnected)
     }
 
     /// Runs a pipeline within the call time limit.
@@ -202,7 +199,7 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, ClusterError> {
-        let mut conn = self.connection()?;
+        let mut conn = self.conn.clone();
         match timeout(self.call_time, pipe.query_async(&mut conn)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(ClusterError::Timeout(self.call_time)),
@@ -220,17 +217,9 @@ impl RedisStore {
 impl Store for RedisStore {
     fn connect(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.call_time))
-                .set_response_timeout(Some(self.call_time));
-            let connecting = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config);
-            let conn = timeout(self.call_time * 2, connecting)
-                .await
-                .map_err(|_| ClusterError::Timeout(self.call_time * 2))??;
-            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
-            Ok(())
+            let mut pipe = redis::pipe();
+            pipe.cmd("PING");
+            self.query::<(String,)>(&pipe).await.map(|_| ())
         })
     }
 
@@ -452,7 +441,7 @@ impl Cluster {
             connected: false,
             outage_logged: false,
             retry_at: Instant::now(),
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::new(FIRST_BACKOFF, heartbeat / 2),
             next_heartbeat: Instant::now(),
             published: HashMap::new(),
             full: true,
@@ -483,7 +472,7 @@ impl Cluster {
                 Ok(()) => {
                     sync.connected = true;
                     sync.full = true;
-                    sync.backoff = FIRST_BACKOFF;
+                    sync.backoff.reset();
                     sync.next_heartbeat = now;
                     if sync.outage_logged {
                         tracing::info!("redis reachable again: republishing this instance's state");
@@ -494,7 +483,8 @@ impl Cluster {
             }
         }
         let counts = local_counts(state);
-        if counts.keys().ne(sync.published.keys()) {
+        // Backends came or went: replace the whole hash, so none lingers.
+        if !same_keys(&counts, &sync.published) {
             sync.full = true;
         }
         let heartbeat_due = now >= sync.next_heartbeat;
@@ -557,8 +547,7 @@ impl Cluster {
         self.up.store(false, Ordering::Relaxed);
         self.instances.store(1, Ordering::Relaxed);
         apply_remote(state, &HashMap::new());
-        sync.retry_at = Instant::now() + sync.backoff;
-        sync.backoff = (sync.backoff * 2).min(self.config.heartbeat / 2);
+        sync.retry_at = Instant::now() + sync.backoff.next_pause();
     }
 }
 
@@ -567,12 +556,17 @@ struct SyncState {
     connected: bool,
     outage_logged: bool,
     retry_at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     next_heartbeat: Instant,
     /// Counts as last written.
     published: HashMap<String, u64>,
     /// Write everything on the next step.
     full: bool,
+}
+
+/// Whether two maps have the same keys (their iteration orders may differ).
+fn same_keys(a: &HashMap<String, u64>, b: &HashMap<String, u64>) -> bool {
+    a.len() == b.len() && a.keys().all(|k| b.contains_key(k))
 }
 
 /// The field a backend's count is published under.

@@ -215,7 +215,7 @@ async fn ask_backends(
             })
         }
         Err(e) => {
-            tracing::warn!(error = %e, "no backend took the upgrade");
+            tracing::warn!(error = %crate::Chain(&e), "no backend took the upgrade");
             Err(Refusal {
                 pool: pool.name.clone(),
                 backend: e.backend().map(ToString::to_string).unwrap_or_default(),

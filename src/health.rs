@@ -1,17 +1,19 @@
 //! Backend health: active checks (a TCP connect, or `GET path` answering 2xx) and
 //! passive results (connects that fail on the upgrade path), with hysteresis: a
 //! backend is ejected after `unhealthy_after` consecutive failures and returns
-//! after `healthy_after` consecutive successful checks. Each flip is logged once.
-//! Pools without `[pool.NAME.health]` are not checked: their backends count as
-//! healthy.
+//! after `healthy_after` consecutive successful checks. Only a passing check
+//! re-admits: a backend that accepts TCP but fails its HTTP check stays out.
+//! Each flip is logged once. Pools without `[pool.NAME.health]` are not checked:
+//! their backends count as healthy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
@@ -19,10 +21,10 @@ use crate::balancer::Backend;
 use crate::config::{BackendAddr, HealthConfig};
 use crate::state::State;
 
-/// Records one result for `backend` and flips its health when the streak is long
-/// enough.
+/// Records the result of one active check of `backend` and flips its health when
+/// the streak is long enough.
 pub fn record(pool: &str, backend: &Backend, ok: bool, config: &HealthConfig) {
-    let previous = backend
+    let streak = backend
         .streak
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
             Some(if ok {
@@ -31,42 +33,53 @@ pub fn record(pool: &str, backend: &Backend, ok: bool, config: &HealthConfig) {
                 s.min(0).saturating_sub(1)
             })
         })
-        .unwrap_or(0);
-    let streak = if ok {
-        previous.max(0).saturating_add(1)
-    } else {
-        previous.min(0).saturating_sub(1)
-    };
-    let healthy = backend.is_healthy();
-    if healthy && !ok && streak.unsigned_abs() >= config.unhealthy_after {
-        backend.set_healthy(false);
-        tracing::warn!(pool, backend = %backend.addr, failures = streak.unsigned_abs(), "backend ejected: unhealthy");
-    } else if !healthy && ok && streak.unsigned_abs() >= config.healthy_after {
-        backend.set_healthy(true);
-        tracing::info!(pool, backend = %backend.addr, successes = streak, "backend healthy again");
+        .map_or(0, |previous| {
+            if ok {
+                previous.max(0).saturating_add(1)
+            } else {
+                previous.min(0).saturating_sub(1)
+            }
+        });
+    let length = streak.unsigned_abs();
+    // The flip itself is a swap: of two threads ending the same streak, one logs.
+    if !ok && length >= config.unhealthy_after && backend.flip_healthy(false) {
+        tracing::warn!(pool, backend = %backend.addr, failures = length, "backend ejected: unhealthy");
+    } else if ok && length >= config.healthy_after && backend.flip_healthy(true) {
+        tracing::info!(pool, backend = %backend.addr, successes = length, "backend healthy again");
     }
+}
+
+/// A connect on the upgrade path failed: it counts like a failed check. (A
+/// successful connect says nothing about an HTTP check, so it is not recorded.)
+pub fn record_failure(pool: &str, backend: &Backend, config: &HealthConfig) {
+    record(pool, backend, false, config);
 }
 
 /// One check of one backend.
 async fn check(addr: &BackendAddr, config: &HealthConfig) -> bool {
     let attempt = async {
-        let mut stream = match addr {
-            BackendAddr::Ip(a) => TcpStream::connect(*a).await?,
-            BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await?,
-        };
+        let stream = crate::upstream::connect(addr).await.ok()?;
         let Some(path) = &config.path else {
-            return Ok::<bool, std::io::Error>(true);
+            return Some(true);
         };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: wsgate-health\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await?;
-        // "HTTP/1.1 2xx"
-        Ok(head.starts_with(b"HTTP/1.") && head[9] == b'2')
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        let request = http::Request::get(path.as_str())
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "wsgate-health")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let send = sender.send_request(request);
+        tokio::pin!(conn);
+        // The connection is driven here; it ending before the answer is a failure.
+        let response = tokio::select! {
+            response = send => response.ok()?,
+            _ = &mut conn => return Some(false),
+        };
+        Some(response.status().is_success())
     };
-    matches!(timeout(config.timeout, attempt).await, Ok(Ok(true)))
+    matches!(timeout(config.timeout, attempt).await, Ok(Some(true)))
 }
 
 /// Checks every pool that has health checks, each at its own interval, until
@@ -114,6 +127,27 @@ mod tests {
     use super::*;
     use crate::config::BackendConfig;
     use std::num::NonZeroU32;
+
+    #[test]
+    fn passive_successes_do_not_readmit() {
+        let backend = Backend::new(&BackendConfig {
+            addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
+            weight: NonZeroU32::MIN,
+        });
+        let config = HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            path: Some("/health".into()),
+            unhealthy_after: 1,
+            healthy_after: 1,
+        };
+        record("p", &backend, false, &config);
+        assert!(!backend.is_healthy());
+        record_failure("p", &backend, &config);
+        assert!(!backend.is_healthy());
+        record("p", &backend, true, &config);
+        assert!(backend.is_healthy());
+    }
 
     #[test]
     fn flips_only_after_the_streak() {

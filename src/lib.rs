@@ -48,6 +48,22 @@ use cluster::{Cluster, ClusterError};
 pub use config::{Config, ConfigError};
 use state::State;
 
+/// Shows an error with its causes, each once: `message: cause: cause`. For logs;
+/// errors here keep their cause as `source()`, not in their message.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// The sockets wsgate serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
     pub server: Vec<TcpListener>,

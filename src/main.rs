@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use wsgate::backend::broker::{Broker, MemoryHub, RedisBroker};
+use wsgate::backend::broker::{self, MemoryHub};
 use wsgate::backend::demo::DemoOptions;
 use wsgate::backend::{Options, RelayBackend};
 use wsgate::{Config, Gateway, Listeners};
@@ -127,28 +127,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-/// Cancels the token on SIGINT/SIGTERM (a second one exits at once).
-fn stop_on_signal(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return;
-        };
-        for _ in 0..2 {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// Until the process ends: SIGINT/SIGTERM cancel `shutdown` (a second one exits at
+/// once); SIGHUP calls `reload`, when there is one.
+async fn signals(shutdown: CancellationToken, reload: Option<Box<dyn Fn() + Send>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {
+                match &reload {
+                    Some(reload) => reload(),
+                    None => tracing::info!("SIGHUP: nothing to reload"),
+                }
+                continue;
             }
-            if shutdown.is_cancelled() {
-                std::process::exit(130);
-            }
-            shutdown.cancel();
         }
-    });
+        if shutdown.is_cancelled() {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    }
 }
 
 async fn backend(
@@ -156,23 +165,14 @@ async fn backend(
     redis: Option<String>,
     options: Options,
 ) -> anyhow::Result<()> {
-    let (broker, deliveries): (Box<dyn Broker>, _) = match &redis {
-        Some(url) => {
-            let (b, rx) = RedisBroker::connect(url)
-                .await
-                .context("connecting to redis")?;
-            (Box::new(b), rx)
-        }
-        None => {
-            let (b, rx) = MemoryHub::default().broker();
-            (Box::new(b), rx)
-        }
-    };
+    let (broker, deliveries) = broker::open(redis.as_deref(), &MemoryHub::default())
+        .await
+        .context("connecting to redis")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
-    stop_on_signal(shutdown.clone());
+    tokio::spawn(signals(shutdown.clone(), None));
     RelayBackend::new(options, broker, deliveries)
         .serve(listener, shutdown)
         .await;
@@ -181,7 +181,7 @@ async fn backend(
 
 async fn demo(options: DemoOptions) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    stop_on_signal(shutdown.clone());
+    tokio::spawn(signals(shutdown.clone(), None));
     let demo = wsgate::backend::demo::start(&options, shutdown)
         .await
         .with_context(|| format!("starting the demo on 127.0.0.1:{}", options.port))?;
@@ -204,7 +204,7 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", wsgate::Chain(&e));
             let n = e.problems().len();
             if n > 0 {
                 eprintln!(
@@ -224,42 +224,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&config).await?;
         let gateway = std::sync::Arc::new(Gateway::new(&config)?);
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(path, gateway.clone(), shutdown.clone()));
+        let reloading = gateway.clone();
+        let reload = move || match reloading.reload_from(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
+            Err(e) => tracing::error!("reload refused, keeping the running configuration:\n{e}"),
+        };
+        tokio::spawn(signals(shutdown.clone(), Some(Box::new(reload))));
         gateway.run(listeners, shutdown).await;
         tracing::info!("stopped");
         Ok(())
     })
-}
-
-/// SIGINT/SIGTERM: stop accepting and close every tunnel (1001); a second one exits
-/// at once. SIGHUP: reload the configuration; an invalid file keeps the old one.
-async fn signals(path: PathBuf, gateway: std::sync::Arc<Gateway>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {
-                match gateway.reload_from(&path) {
-                    Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
-                    Err(e) => tracing::error!("reload refused, keeping the running configuration:\n{e}"),
-                }
-                continue;
-            }
-        }
-        if shutdown.is_cancelled() {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
-        tracing::info!("shutting down: closing tunnels with 1001");
-        shutdown.cancel();
-    }
 }

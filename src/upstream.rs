@@ -117,8 +117,10 @@ pub async fn open(
         tried.push(index);
         let backend = guard.backend().clone();
         let connected = timeout(settings.connect_timeout, connect(&backend.addr)).await;
-        if let Some(health) = &settings.health {
-            crate::health::record(&pool.name, &backend, matches!(connected, Ok(Ok(_))), health);
+        if let Some(health) = &settings.health
+            && !matches!(connected, Ok(Ok(_)))
+        {
+            crate::health::record_failure(&pool.name, &backend, health);
         }
         match connected {
             Ok(Ok(stream)) => {

@@ -199,3 +199,56 @@ async fn the_token_is_required_and_admin_is_not_on_the_public_listener() {
     }
     assert_eq!(backend.accepted(), 0);
 }
+
+/// `[pool.p.health]` with an HTTP check the echo backend fails (it answers a plain
+/// GET with 400), flipping after one result each way.
+const FAILING_HTTP_CHECK: &str = "[pool.p.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\npath = \"/health\"\nunhealthy_after = 1\nhealthy_after = 1\n";
+
+async fn healthy(proxy: &Proxy) -> bool {
+    let (_, backends) = http_get(proxy.admin.unwrap(), "/backends", "").await;
+    let json: serde_json::Value = serde_json::from_str(&backends).expect("json");
+    json["pools"][0]["backends"][0]["healthy"] == true
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_health_checks_readmits_the_backend() {
+    let backend = EchoBackend::start().await;
+    let base = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], ""),
+    );
+    let proxy = Proxy::start(&format!("{base}{FAILING_HTTP_CHECK}")).await;
+    wait_ready(&proxy, 503).await;
+    assert!(!healthy(&proxy).await);
+
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{base}");
+    let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
+    proxy.gateway.reload(&config);
+    wait_ready(&proxy, 200).await;
+    assert!(healthy(&proxy).await);
+}
+
+#[tokio::test]
+async fn tcp_connects_do_not_readmit_a_backend_that_fails_its_http_check() {
+    let backend = EchoBackend::start().await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}{FAILING_HTTP_CHECK}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], ""),
+    ))
+    .await;
+    wait_ready(&proxy, 503).await;
+    // The pool's only backend is ejected, so upgrades still try it (fail open):
+    // each one is a successful TCP connect to it.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(connect(&proxy.url("/ws")).await);
+        assert!(
+            !healthy(&proxy).await,
+            "a TCP connect re-admitted the backend"
+        );
+        assert_eq!(proxy.ready().await, 503);
+    }
+    assert_eq!(backend.open(), 10);
+}

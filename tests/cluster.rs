@@ -328,3 +328,93 @@ async fn redis_down_at_start_or_stalled_never_stalls_upgrades() {
         "30 upgrades took {took:?} with Redis stalled"
     );
 }
+
+/// `INFO commandstats` as command → calls.
+async fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The instance's heartbeat time in Redis (ms), as the others see it.
+async fn heartbeat_at(redis: &RedisServer, instance: &str) -> f64 {
+    let mut conn = redis.conn().await;
+    redis::cmd("ZSCORE")
+        .arg("t:instances")
+        .arg(instance)
+        .query_async::<Option<f64>>(&mut conn)
+        .await
+        .expect("ZSCORE")
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn an_idle_instance_sends_heartbeats_only() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let a = Proxy::start(&format!(
+        "{}{}",
+        routes_and_pool(&backends),
+        cluster(&redis.url(), "a", "100ms")
+    ))
+    .await;
+    // Connections with presence: a full republish would rewrite their hash.
+    let _clients = open(|i| a.url(&format!("/ws?user=u{i}")), 0..6).await;
+    let mut conn = redis.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let users: u64 = redis::cmd("HLEN")
+            .arg("t:instance:a:presence")
+            .query_async(&mut conn)
+            .await
+            .expect("HLEN");
+        if users == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "presence never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let before = command_calls(&redis).await;
+    let from = heartbeat_at(&redis, "a").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while heartbeat_at(&redis, "a").await < from + 500.0 {
+        assert!(Instant::now() < deadline, "no heartbeats");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = command_calls(&redis).await;
+    let delta =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    for rewrite in ["del", "hset", "hdel", "hmset", "publish"] {
+        assert_eq!(
+            delta(rewrite),
+            0,
+            "an idle instance sent {rewrite}: {after:?}"
+        );
+    }
+    // About five heartbeats passed (100 ms each); each is one pipeline of a few
+    // refreshes plus one read of the others. The test's own ZSCORE/INFO/HLEN calls
+    // are left out.
+    let ours = ["zscore", "info", "hlen"];
+    let sent: u64 = after
+        .keys()
+        .filter(|k| !ours.contains(&k.as_str()))
+        .map(|k| delta(k))
+        .sum();
+    let heartbeats = delta("zadd").max(1);
+    assert!(
+        sent / heartbeats <= 12,
+        "{sent} commands for {heartbeats} heartbeats: {after:?}"
+    );
+}

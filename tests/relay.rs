@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use wsgate::backend::broker::{Broker, MemoryHub, RedisBroker};
+use wsgate::backend::broker::{self, MemoryHub};
 use wsgate::backend::{Options, RelayBackend};
 
 struct Relays {
@@ -29,16 +29,7 @@ async fn relays(redis: Option<&str>, options: impl Fn(usize) -> Options) -> Rela
     let mut backends = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3 {
-        let (broker, deliveries): (Box<dyn Broker>, _) = match redis {
-            Some(url) => {
-                let (b, rx) = RedisBroker::connect(url).await.expect("redis broker");
-                (Box::new(b), rx)
-            }
-            None => {
-                let (b, rx) = hub.broker();
-                (Box::new(b), rx)
-            }
-        };
+        let (broker, deliveries) = broker::open(redis, &hub).await.expect("broker");
         let backend = RelayBackend::new(options(i), broker, deliveries);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         addrs.push((listener.local_addr().expect("addr"), 1));

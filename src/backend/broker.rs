@@ -27,7 +27,7 @@ pub struct Delivery {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("redis: {0}")]
+    #[error(transparent)]
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer in time")]
     Timeout,
@@ -43,6 +43,24 @@ pub trait Broker: Send + Sync {
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a>;
     /// Whether messages can be relayed now.
     fn is_healthy(&self) -> bool;
+}
+
+/// A broker for one relay backend: Redis at `redis`, else one more on `hub` (in
+/// memory, shared by the backends of this process).
+pub async fn open(
+    redis: Option<&str>,
+    hub: &MemoryHub,
+) -> Result<(Box<dyn Broker>, mpsc::Receiver<Delivery>), BrokerError> {
+    Ok(match redis {
+        Some(url) => {
+            let (broker, deliveries) = RedisBroker::connect(url).await?;
+            (Box::new(broker), deliveries)
+        }
+        None => {
+            let (broker, deliveries) = hub.broker();
+            (Box::new(broker), deliveries)
+        }
+    })
 }
 
 /// Deliveries queued for one backend before it drops them (it is not keeping up).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, BrokerError, MemoryHub, RedisBroker};
+use super::broker::{BrokerError, MemoryHub};
 use super::{Options, RelayBackend};
 use crate::{Config, Gateway, Listeners};
 
@@ -28,13 +28,13 @@ pub struct DemoOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot listen: {0}")]
+    #[error("cannot listen")]
     Listen(#[from] std::io::Error),
-    #[error("pub/sub: {0}")]
+    #[error("pub/sub")]
     Broker(#[from] BrokerError),
-    #[error("demo configuration: {0}")]
+    #[error("demo configuration")]
     Config(#[from] crate::ConfigError),
-    #[error("cluster: {0}")]
+    #[error("cluster")]
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
@@ -78,16 +78,7 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
     let hub = MemoryHub::default();
     let mut backends = Vec::new();
     for i in 1..=options.backends.max(1) {
-        let (broker, deliveries): (Box<dyn Broker>, _) = match &options.redis {
-            Some(url) => {
-                let (b, rx) = RedisBroker::connect(url).await?;
-                (Box::new(b), rx)
-            }
-            None => {
-                let (b, rx) = hub.broker();
-                (Box::new(b), rx)
-            }
-        };
+        let (broker, deliveries) = super::broker::open(options.redis.as_deref(), &hub).await?;
         let backend = RelayBackend::new(Options::new(&format!("backend-{i}")), broker, deliveries);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

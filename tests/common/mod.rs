@@ -649,7 +649,7 @@ impl ProxyProcess {
                     .await
                     .expect("read log")
                     .expect("wsgate exited early");
-                if line.contains("listening")
+                if line.contains("proxy listening")
                     && let Some(rest) = line.split("addr=").nth(1)
                 {
                     let addr = rest.split_whitespace().next().unwrap_or("");
