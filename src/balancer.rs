@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use crate::config::{BackendAddr, BackendConfig, PoolConfig};
+use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
 
 /// One backend of one pool. Shared by every snapshot that still lists it, so a
 /// reload keeps its count.
@@ -27,7 +27,7 @@ pub struct Backend {
     /// Cleared by health checks (see `health`); always set without them.
     healthy: AtomicBool,
     /// Consecutive check results: > 0 successes, < 0 failures.
-    pub(crate) streak: AtomicI32,
+    streak: AtomicI32,
 }
 
 impl Backend {
@@ -52,8 +52,37 @@ impl Backend {
     }
 
     /// Sets health; true when this call changed it (so exactly one caller logs).
-    pub(crate) fn flip_healthy(&self, healthy: bool) -> bool {
+    fn flip_healthy(&self, healthy: bool) -> bool {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Records the result of one active check and flips health when the streak is
+    /// long enough (see `health`). Each flip is logged once.
+    pub fn record_check(&self, pool: &str, ok: bool, config: &HealthConfig) {
+        let step = |s: i32| {
+            if ok {
+                s.max(0).saturating_add(1)
+            } else {
+                s.min(0).saturating_sub(1)
+            }
+        };
+        let streak = self
+            .streak
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(step(s)))
+            .map_or(0, step);
+        let length = streak.unsigned_abs();
+        // The flip itself is a swap: of two threads ending the same streak, one logs.
+        if !ok && length >= config.unhealthy_after && self.flip_healthy(false) {
+            tracing::warn!(pool, backend = %self.addr, failures = length, "backend ejected: unhealthy");
+        } else if ok && length >= config.healthy_after && self.flip_healthy(true) {
+            tracing::info!(pool, backend = %self.addr, successes = length, "backend healthy again");
+        }
+    }
+
+    /// A connect on the upgrade path failed: it counts like a failed check. (A
+    /// successful connect says nothing about an HTTP check, so it is not recorded.)
+    pub fn record_failure(&self, pool: &str, config: &HealthConfig) {
+        self.record_check(pool, false, config);
     }
 
     pub fn weight(&self) -> u32 {

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,43 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Backend;
 use crate::config::{BackendAddr, HealthConfig};
 use crate::state::State;
-
-/// Records the result of one active check of `backend` and flips its health when
-/// the streak is long enough.
-pub fn record(pool: &str, backend: &Backend, ok: bool, config: &HealthConfig) {
-    let streak = backend
-        .streak
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-            Some(if ok {
-                s.max(0).saturating_add(1)
-            } else {
-                s.min(0).saturating_sub(1)
-            })
-        })
-        .map_or(0, |previous| {
-            if ok {
-                previous.max(0).saturating_add(1)
-            } else {
-                previous.min(0).saturating_sub(1)
-            }
-        });
-    let length = streak.unsigned_abs();
-    // The flip itself is a swap: of two threads ending the same streak, one logs.
-    if !ok && length >= config.unhealthy_after && backend.flip_healthy(false) {
-        tracing::warn!(pool, backend = %backend.addr, failures = length, "backend ejected: unhealthy");
-    } else if ok && length >= config.healthy_after && backend.flip_healthy(true) {
-        tracing::info!(pool, backend = %backend.addr, successes = length, "backend healthy again");
-    }
-}
-
-/// A connect on the upgrade path failed: it counts like a failed check. (A
-/// successful connect says nothing about an HTTP check, so it is not recorded.)
-pub fn record_failure(pool: &str, backend: &Backend, config: &HealthConfig) {
-    record(pool, backend, false, config);
-}
 
 /// One check of one backend.
 async fn check(addr: &BackendAddr, config: &HealthConfig) -> bool {
@@ -104,7 +68,7 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
                         (backend.clone(), config.clone(), pool.name.clone());
                     round.spawn(async move {
                         let ok = check(&backend.addr, &config).await;
-                        record(&name, &backend, ok, &config);
+                        backend.record_check(&name, ok, &config);
                     });
                 }
             } else {
@@ -125,6 +89,7 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::Backend;
     use crate::config::BackendConfig;
     use std::num::NonZeroU32;
 
@@ -141,11 +106,11 @@ mod tests {
             unhealthy_after: 1,
             healthy_after: 1,
         };
-        record("p", &backend, false, &config);
+        backend.record_check("p", false, &config);
         assert!(!backend.is_healthy());
-        record_failure("p", &backend, &config);
+        backend.record_failure("p", &config);
         assert!(!backend.is_healthy());
-        record("p", &backend, true, &config);
+        backend.record_check("p", true, &config);
         assert!(backend.is_healthy());
     }
 
@@ -163,14 +128,14 @@ mod tests {
             healthy_after: 2,
         };
         for ok in [false, false, true, false, false] {
-            record("p", &backend, ok, &config);
+            backend.record_check("p", ok, &config);
         }
         assert!(backend.is_healthy(), "a success broke the streak");
-        record("p", &backend, false, &config);
+        backend.record_check("p", false, &config);
         assert!(!backend.is_healthy());
-        record("p", &backend, true, &config);
+        backend.record_check("p", true, &config);
         assert!(!backend.is_healthy());
-        record("p", &backend, true, &config);
+        backend.record_check("p", true, &config);
         assert!(backend.is_healthy());
     }
 }

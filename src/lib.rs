@@ -115,9 +115,10 @@ impl Gateway {
         })
     }
 
-    /// Swaps in a new configuration (routes, pools, backends, timeouts); live
-    /// tunnels keep the settings they started with. `[server]`, `[admin]` and
-    /// `[cluster]` changes take effect at the next start.
+    /// Swaps in a new configuration: routes, pools, backends and their settings,
+    /// and `[server] handshake_timeout` and `max_header_bytes` (read per new client
+    /// connection). Live tunnels keep the settings they started with. `[server]
+    /// listen` and `max_connections`, `[admin]` and `[cluster]` are read at start.
     pub fn reload(&self, config: &Config) {
         self.state.reload(config);
         ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "ok").increment(1);

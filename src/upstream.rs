@@ -120,7 +120,7 @@ pub async fn open(
         if let Some(health) = &settings.health
             && !matches!(connected, Ok(Ok(_)))
         {
-            crate::health::record_failure(&pool.name, &backend, health);
+            backend.record_failure(&pool.name, health);
         }
         match connected {
             Ok(Ok(stream)) => {

@@ -309,3 +309,31 @@ async fn the_room_is_the_last_path_segment_whatever_the_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_backends_tasks_end_when_it_is_dropped() {
+    let hub = MemoryHub::default();
+    let (broker, deliveries) = broker::open(None, &hub).await.expect("broker");
+    let backend = RelayBackend::new(Options::new("b"), broker, deliveries);
+    let tasks = backend.tasks();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(backend.clone().serve(listener, stop.clone()));
+    // A member joins (the room is subscribed), talks and leaves (unsubscribed).
+    let mut ws = connect(&format!("ws://{addr}/rooms/lobby?user=ada")).await;
+    let welcome = next(&mut ws).await.into_text().expect("text");
+    assert!(welcome.contains("welcome"), "{welcome}");
+    ws.send(Message::text("hello")).await.expect("send");
+    ws.close(None).await.expect("close");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("serve ends")
+        .expect("serve task");
+    assert!(!tasks.is_empty(), "the tasks run while the backend lives");
+    drop(backend);
+    tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .expect("every background task ends once the backend is dropped");
+}

@@ -20,9 +20,9 @@
 pub mod broker;
 pub mod demo;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -41,7 +41,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::IdentitySource;
 use crate::handshake::{self, USER_HEADER};
 use crate::presence;
@@ -57,6 +59,11 @@ const MEMBERS_EXPIRE: Duration = Duration::from_secs(6);
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 /// How long a closing client gets to take its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Rooms whose subscription is still to be changed. At the bound, a join that
+/// would open a new room is answered 503 until the subscriber catches up.
+pub const MAX_PENDING_ROOMS: usize = 10_000;
+/// Tries of one subscription before the room's members are welcomed anyway.
+const SUBSCRIBE_TRIES: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -95,10 +102,24 @@ struct Inner {
     options: Options,
     broker: Box<dyn Broker>,
     rooms: Mutex<HashMap<String, Room>>,
-    /// Subscribe (true) / unsubscribe (false) requests, carried out in order.
-    subscriptions: mpsc::UnboundedSender<(String, bool)>,
+    /// Rooms whose subscription may have to change: the subscriber compares each
+    /// with `rooms` (the truth) when it gets to it. A set, so a room that comes and
+    /// goes a thousand times is one entry; at most [`MAX_PENDING_ROOMS`] from joins.
+    to_reconcile: Mutex<HashSet<String>>,
+    /// Wakes the subscriber.
+    wake: Arc<Notify>,
     stats: Stats,
     next_conn: AtomicU64,
+    /// Cancelled when the last handle is dropped: the background tasks end.
+    stop: CancellationToken,
+    /// The background tasks (subscriber, dispatcher, members ticker).
+    tasks: TaskTracker,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 struct Room {
@@ -169,21 +190,44 @@ impl RelayBackend {
         broker: Box<dyn Broker>,
         deliveries: mpsc::Receiver<Delivery>,
     ) -> RelayBackend {
-        let (sub_tx, sub_rx) = mpsc::unbounded_channel();
-        let backend = RelayBackend {
-            inner: Arc::new(Inner {
-                options,
-                broker,
-                rooms: Mutex::default(),
-                subscriptions: sub_tx,
-                stats: Stats::default(),
-                next_conn: AtomicU64::new(1),
-            }),
-        };
-        tokio::spawn(backend.clone().subscriber(sub_rx));
-        tokio::spawn(backend.clone().dispatcher(deliveries));
-        tokio::spawn(backend.clone().members_ticker());
-        backend
+        let inner = Arc::new(Inner {
+            options,
+            broker,
+            rooms: Mutex::default(),
+            to_reconcile: Mutex::default(),
+            wake: Arc::default(),
+            stats: Stats::default(),
+            next_conn: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        // The tasks hold the backend weakly: they end when its last handle goes.
+        let (weak, stop, wake) = (
+            Arc::downgrade(&inner),
+            inner.stop.clone(),
+            inner.wake.clone(),
+        );
+        inner
+            .tasks
+            .spawn(subscriber(weak.clone(), stop.clone(), wake));
+        inner
+            .tasks
+            .spawn(dispatcher(weak.clone(), stop.clone(), deliveries));
+        inner.tasks.spawn(members_ticker(weak, stop));
+        inner.tasks.close();
+        RelayBackend { inner }
+    }
+
+    /// The background tasks: they have all ended once the backend is dropped.
+    pub fn tasks(&self) -> TaskTracker {
+        self.inner.tasks.clone()
+    }
+
+    fn to_reconcile(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .to_reconcile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn id(&self) -> &str {
@@ -238,6 +282,12 @@ impl RelayBackend {
         };
         if let Err(rejection) = handshake::validate(&req) {
             return rejection.response();
+        }
+        if !self.rooms().contains_key(&room) && self.to_reconcile().len() >= MAX_PENDING_ROOMS {
+            return handshake::plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many new rooms at once: try again shortly",
+            );
         }
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let from_query = presence::identity(&IdentitySource::Query("user".into()), &req)
@@ -372,8 +422,7 @@ impl RelayBackend {
     ) -> watch::Receiver<bool> {
         let mut rooms = self.rooms();
         let entry = rooms.entry(room.to_string()).or_insert_with(|| {
-            // Queued under the rooms lock, so subscribe/unsubscribe keep their order.
-            let _ = self.inner.subscriptions.send((room.to_string(), true));
+            self.reconcile_later(room);
             Room {
                 members: HashMap::new(),
                 heard: HashMap::new(),
@@ -401,7 +450,7 @@ impl RelayBackend {
         entry.members.remove(&conn);
         if entry.members.is_empty() {
             rooms.remove(room);
-            let _ = self.inner.subscriptions.send((room.to_string(), false));
+            self.reconcile_later(room);
         } else {
             refresh_members(room, entry, &self.inner.stats);
         }
@@ -435,106 +484,169 @@ impl RelayBackend {
         }
     }
 
-    /// Carries out subscribe/unsubscribe requests in the order they were made.
-    async fn subscriber(self, mut requests: mpsc::UnboundedReceiver<(String, bool)>) {
-        while let Some((room, subscribe)) = requests.recv().await {
+    /// Asks the subscriber to bring `room`'s subscription in line with `rooms`.
+    fn reconcile_later(&self, room: &str) {
+        self.to_reconcile().insert(room.to_string());
+        self.inner.wake.notify_one();
+    }
+
+    /// Subscribes to the rooms that have members and unsubscribes from those that
+    /// have none, among the rooms that changed; `subscribed` is what Redis has.
+    async fn reconcile(&self, subscribed: &mut HashSet<String>) {
+        let changed = std::mem::take(&mut *self.to_reconcile());
+        for room in changed {
+            let wanted = self.rooms().contains_key(&room);
             let name = channel(&room);
-            if subscribe {
-                let mut pause = Duration::from_millis(50);
-                for _ in 0..10 {
+            if wanted && !subscribed.contains(&room) {
+                let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+                for _ in 0..SUBSCRIBE_TRIES {
                     match self.inner.broker.subscribe(&name).await {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            subscribed.insert(room.clone());
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(%room, error = %e, "subscribe failed, retrying");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(1));
+                            if !backoff.pause(&self.inner.stop).await {
+                                return;
+                            }
                         }
                     }
                 }
-                if let Some(r) = self.rooms().get(&room) {
-                    r.subscribed.send_replace(true);
-                }
-            } else if let Err(e) = self.inner.broker.unsubscribe(&name).await {
+            } else if !wanted
+                && subscribed.remove(&room)
+                && let Err(e) = self.inner.broker.unsubscribe(&name).await
+            {
                 tracing::warn!(%room, error = %e, "unsubscribe failed");
+            }
+            if let Some(r) = self.rooms().get(&room) {
+                r.subscribed.send_replace(true);
             }
         }
     }
 
-    /// Delivers what arrives on subscribed channels to local members.
-    async fn dispatcher(self, mut deliveries: mpsc::Receiver<Delivery>) {
+    /// Delivers what arrived on a subscribed channel to local members.
+    fn dispatch(&self, delivery: Delivery) {
         let echo = self.inner.options.echo;
-        let me = self.inner.options.id.clone();
-        while let Some(delivery) = deliveries.recv().await {
-            let Some(room) = delivery.channel.strip_prefix("relay:room:") else {
-                continue;
-            };
-            let Some((envelope, body)) = decode(&delivery.payload) else {
-                tracing::debug!(channel = %delivery.channel, "undecodable delivery");
-                continue;
-            };
-            let mut rooms = self.rooms();
-            let Some(entry) = rooms.get_mut(room) else {
-                continue;
-            };
-            match envelope.kind {
-                EnvelopeKind::Members => {
-                    let origin = envelope.origin.clone();
-                    let first = entry
-                        .heard
-                        .insert(envelope.origin, (envelope.users, Instant::now()))
-                        .is_none();
-                    refresh_members(room, entry, &self.inner.stats);
-                    if first && origin != me {
-                        // A backend new to this room: tell it who is here now rather
-                        // than at the next tick. It answers only once per newcomer.
-                        let backend = self.clone();
-                        let room = room.to_string();
-                        tokio::spawn(async move { backend.publish_members(&room).await });
-                    }
+        let me = &self.inner.options.id;
+        let Some(room) = delivery.channel.strip_prefix("relay:room:") else {
+            return;
+        };
+        let Some((envelope, body)) = decode(&delivery.payload) else {
+            tracing::debug!(channel = %delivery.channel, "undecodable delivery");
+            return;
+        };
+        let mut rooms = self.rooms();
+        let Some(entry) = rooms.get_mut(room) else {
+            return;
+        };
+        match envelope.kind {
+            EnvelopeKind::Members => {
+                let origin = envelope.origin.clone();
+                let first = entry
+                    .heard
+                    .insert(envelope.origin, (envelope.users, Instant::now()))
+                    .is_none();
+                refresh_members(room, entry, &self.inner.stats);
+                if first && origin != *me {
+                    // A backend new to this room: tell it who is here now rather
+                    // than at the next tick. It answers only once per newcomer.
+                    let backend = self.clone();
+                    let room = room.to_string();
+                    tokio::spawn(async move { backend.publish_members(&room).await });
                 }
-                EnvelopeKind::Message => {
-                    let message = if envelope.binary {
-                        Message::binary(body)
-                    } else {
-                        json(serde_json::json!({
-                            "type": "message", "room": room, "from": envelope.from,
-                            "origin": envelope.origin, "seq": envelope.seq,
-                            "text": String::from_utf8_lossy(&body),
-                        }))
-                    };
-                    let own = envelope.origin == me;
-                    for (conn, member) in &entry.members {
-                        if !echo && own && *conn == envelope.conn {
-                            continue;
-                        }
-                        deliver(member, message.clone(), &self.inner.stats);
+            }
+            EnvelopeKind::Message => {
+                let message = if envelope.binary {
+                    Message::binary(body)
+                } else {
+                    json(serde_json::json!({
+                        "type": "message", "room": room, "from": envelope.from,
+                        "origin": envelope.origin, "seq": envelope.seq,
+                        "text": String::from_utf8_lossy(&body),
+                    }))
+                };
+                let own = envelope.origin == *me;
+                for (conn, member) in &entry.members {
+                    if !echo && own && *conn == envelope.conn {
+                        continue;
                     }
+                    deliver(member, message.clone(), &self.inner.stats);
                 }
             }
         }
     }
 
     /// Republishes members, forgets backends not heard of, updates clients.
-    async fn members_ticker(self) {
-        let mut tick = tokio::time::interval(MEMBERS_EVERY);
-        loop {
-            tick.tick().await;
-            let names: Vec<String> = {
-                let mut rooms = self.rooms();
-                for (name, room) in rooms.iter_mut() {
-                    room.heard
-                        .retain(|_, (_, at)| at.elapsed() < MEMBERS_EXPIRE);
-                    refresh_members(name, room, &self.inner.stats);
-                }
-                rooms.keys().cloned().collect()
-            };
-            for name in names {
-                self.publish_members(&name).await;
+    async fn members_tick(&self) {
+        let names: Vec<String> = {
+            let mut rooms = self.rooms();
+            for (name, room) in rooms.iter_mut() {
+                room.heard
+                    .retain(|_, (_, at)| at.elapsed() < MEMBERS_EXPIRE);
+                refresh_members(name, room, &self.inner.stats);
             }
-            if Arc::strong_count(&self.inner) == 1 {
-                return;
-            }
+            rooms.keys().cloned().collect()
+        };
+        for name in names {
+            self.publish_members(&name).await;
         }
+    }
+}
+
+/// The backend behind `weak`, while it lives.
+fn upgrade(weak: &Weak<Inner>) -> Option<RelayBackend> {
+    weak.upgrade().map(|inner| RelayBackend { inner })
+}
+
+/// Carries out subscription changes as rooms open and close.
+async fn subscriber(weak: Weak<Inner>, stop: CancellationToken, wake: Arc<Notify>) {
+    let mut subscribed = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = wake.notified() => {}
+        }
+        let Some(backend) = upgrade(&weak) else {
+            return;
+        };
+        backend.reconcile(&mut subscribed).await;
+    }
+}
+
+/// Delivers what arrives on subscribed channels to local members.
+async fn dispatcher(
+    weak: Weak<Inner>,
+    stop: CancellationToken,
+    mut deliveries: mpsc::Receiver<Delivery>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => return,
+            delivery = deliveries.recv() => match delivery {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        let Some(backend) = upgrade(&weak) else {
+            return;
+        };
+        backend.dispatch(delivery);
+    }
+}
+
+/// Every [`MEMBERS_EVERY`], republishes each room's members.
+async fn members_ticker(weak: Weak<Inner>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(MEMBERS_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(backend) = upgrade(&weak) else {
+            return;
+        };
+        backend.members_tick().await;
     }
 }
 
