@@ -16,10 +16,11 @@ fn pool(n: usize) -> Pool {
             addr: BackendAddr::parse(&format!("10.0.{}.{}:9000", i / 250, i % 250 + 1))
                 .expect("addr"),
             weight: NonZeroU32::new(1 + (i % 3) as u32).expect("weight"),
+            drain: false,
         })
         .collect();
     let settings = PoolConfig::with_backends(backends);
-    Pool::new("bench", &settings, None)
+    Pool::new("bench", &settings, None, &wsgate::closing::Wave::root())
 }
 
 fn pick(c: &mut Criterion) {

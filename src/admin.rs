@@ -1,6 +1,8 @@
 //! The admin listener, separate from the public ones: `/metrics` (Prometheus),
-//! `/healthz`, `/readyz`, `/backends` and `/presence`, optionally behind a bearer
-//! token.
+//! `/healthz`, `/readyz`, `/backends`, `/presence`, and the drain API
+//! (`POST /pools/{pool}/backends/{addr}/drain` and `.../ready`), optionally behind a
+//! bearer token. The token is read from the current config on every request, so a
+//! reload changes it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +27,6 @@ pub struct Admin {
     pub cluster: Arc<Cluster>,
     /// Cancelled when wsgate starts shutting down: `/readyz` answers 503.
     pub draining: CancellationToken,
-    pub token: Option<String>,
     /// Whether the cluster uses Redis (else `wsgate_redis_up` is not reported).
     pub redis: bool,
 }
@@ -37,6 +38,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
         async move { admin.handle(req).await }
     })
     .await
+}
+
+fn backend_json(b: &crate::balancer::Backend) -> serde_json::Value {
+    json!({
+        "addr": b.addr.to_string(),
+        "weight": b.weight(),
+        "healthy": b.is_healthy(),
+        "draining": b.is_draining(),
+        "connections": b.active(),
+        "cluster_connections": b.load(),
+    })
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
@@ -51,7 +63,8 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<
 
 impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(token) = &self.token {
+        let snapshot = self.state.load();
+        if let Some(token) = &snapshot.config.admin.token {
             let expected = format!("Bearer {token}");
             let given = req
                 .headers()
@@ -68,10 +81,16 @@ impl Admin {
                 return response;
             }
         }
+        let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix("/pools/") {
+            if req.method() != Method::POST {
+                return plain(StatusCode::METHOD_NOT_ALLOWED, "the drain API takes POST");
+            }
+            return self.drain_api(rest);
+        }
         if req.method() != Method::GET {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET");
         }
-        let path = req.uri().path();
         match path {
             "/metrics" => self.metrics(),
             "/healthz" => plain(StatusCode::OK, "ok"),
@@ -82,17 +101,58 @@ impl Admin {
                 Some(user) if !user.is_empty() => self.presence(user).await,
                 _ => plain(
                     StatusCode::NOT_FOUND,
-                    "admin endpoints: /metrics /healthz /readyz /backends /presence /presence/USER",
+                    "admin endpoints: GET /metrics /healthz /readyz /backends /presence /presence/USER, POST /pools/POOL/backends/ADDR/drain|ready",
                 ),
             },
         }
     }
 
-    /// Sets the gauges that are read from state, then renders everything.
+    /// `POST /pools/{pool}/backends/{addr}/drain` or `.../ready`: drains a backend
+    /// (no new connections; its tunnels closed with 1012 after the pool's
+    /// `drain_timeout`) or makes it ready again. Holds across reloads until `ready`
+    /// or the backend's removal.
+    fn drain_api(&self, rest: &str) -> Response<Full<Bytes>> {
+        let usage = "POST /pools/POOL/backends/ADDR/drain or /ready";
+        let Some((pool, rest)) = rest.split_once("/backends/") else {
+            return plain(StatusCode::NOT_FOUND, usage);
+        };
+        let Some((addr, action)) = rest.rsplit_once('/') else {
+            return plain(StatusCode::NOT_FOUND, usage);
+        };
+        let drain = match action {
+            "drain" => true,
+            "ready" => false,
+            _ => return plain(StatusCode::NOT_FOUND, usage),
+        };
+        let addr = percent_encoding::percent_decode_str(addr).decode_utf8_lossy();
+        let snapshot = self.state.load();
+        let Some(pool) = snapshot.pools.get(pool) else {
+            return plain(StatusCode::NOT_FOUND, &format!("no pool named {pool}"));
+        };
+        let Some(backend) = crate::config::BackendAddr::parse(&addr)
+            .and_then(|a| pool.backend(&a))
+            .filter(|b| !b.is_removed())
+        else {
+            return plain(
+                StatusCode::NOT_FOUND,
+                &format!("pool {} has no backend {addr}", pool.name),
+            );
+        };
+        backend.set_admin_drain(drain);
+        tracing::info!(pool = %pool.name, backend = %backend.addr, "admin API: backend {}", if drain { "draining" } else { "ready" });
+        json_response(StatusCode::OK, backend_json(backend))
+    }
+
+    /// Sets the gauges that are read from state, then renders everything. A
+    /// backend that has finished draining is left out, and its series vanish (the
+    /// recorder drops gauges no scrape has set).
     fn metrics(&self) -> Response<Full<Bytes>> {
         let snapshot = self.state.load();
         for pool in snapshot.pools.values() {
             for backend in &pool.backends {
+                if backend.is_draining() && backend.load() == 0 {
+                    continue;
+                }
                 let labels = [
                     ("pool", pool.name.clone()),
                     ("backend", backend.addr.to_string()),
@@ -147,20 +207,8 @@ impl Admin {
             .pools
             .values()
             .map(|pool| {
-                let backends: Vec<serde_json::Value> = pool
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        json!({
-                            "addr": b.addr.to_string(),
-                            "weight": b.weight(),
-                            "healthy": b.is_healthy(),
-                            "draining": b.is_draining(),
-                            "connections": b.active(),
-                            "cluster_connections": b.load(),
-                        })
-                    })
-                    .collect();
+                let backends: Vec<serde_json::Value> =
+                    pool.backends.iter().map(|b| backend_json(b)).collect();
                 json!({"name": pool.name, "backends": backends})
             })
             .collect();

@@ -4,10 +4,19 @@
 //! the moment it was picked (handshake in flight) to the end of the tunnel. The count
 //! only changes through [`ConnGuard`]: one increment at the pick, one decrement in
 //! `Drop`, whatever ended the connection.
+//!
+//! A backend that leaves (removed from the file, `drain = true`, drained through the
+//! admin API) stays in its pool as draining until its last tunnel ends: it keeps
+//! its count, gets no new connections, and its tunnels are closed by a drain wave
+//! (see `closing`) after the pool's `drain_timeout`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use crate::closing::Wave;
 use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
 
 /// One backend of one pool. Shared by every snapshot that still lists it, so a
@@ -22,29 +31,81 @@ pub struct Backend {
     /// Connections the other live instances of the cluster hold, as they last
     /// published them; written by the cluster task, read by the pick, never awaited.
     remote: AtomicU64,
-    /// No longer in the config: keeps its tunnels, gets no new ones.
+    /// Any of the drain reasons holds: keeps its tunnels, gets no new ones.
     draining: AtomicBool,
+    drain: Mutex<Drain>,
     /// Cleared by health checks (see `health`); always set without them.
     healthy: AtomicBool,
     /// Consecutive check results: > 0 successes, < 0 failures.
     streak: AtomicI32,
+    /// Without active checks: consecutive failed connects or handshakes.
+    fails: AtomicU32,
+    /// Without active checks: ejected until this time (ms on [`clock_ms`]); 0 = not.
+    ejected_until: AtomicU64,
+}
+
+/// Why a backend drains, and the wave its tunnels watch.
+#[derive(Debug)]
+struct Drain {
+    /// No longer in the config; kept while it has tunnels.
+    removed: bool,
+    /// `drain = true` in its entry.
+    configured: bool,
+    /// Drained through the admin API: holds across reloads until `ready` or removal.
+    admin: bool,
+    /// When it started draining.
+    since: Option<Instant>,
+    /// The wave a new tunnel watches; replaced by a fresh one once started.
+    wave: Arc<Wave>,
+    /// When the current drain wave was started.
+    started: Option<Instant>,
+    /// The shutdown wave, parent of every drain wave.
+    root: Arc<Wave>,
+}
+
+/// Milliseconds on a process-wide clock (tokio's, so tests can pause it).
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(start).as_millis() as u64 + 1
 }
 
 impl Backend {
-    pub fn new(config: &BackendConfig) -> Backend {
-        Backend {
+    /// A backend whose tunnels also close when `root` (the shutdown wave) starts.
+    pub fn new(config: &BackendConfig, root: &Arc<Wave>) -> Backend {
+        let backend = Backend {
             addr: config.addr.clone(),
             weight: AtomicU32::new(config.weight.get()),
             active: AtomicU64::new(0),
             remote: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            drain: Mutex::new(Drain {
+                removed: false,
+                configured: false,
+                admin: false,
+                since: None,
+                wave: Wave::drain(root),
+                started: None,
+                root: root.clone(),
+            }),
             healthy: AtomicBool::new(true),
             streak: AtomicI32::new(0),
-        }
+            fails: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        };
+        backend.set_drain(|d| d.configured = config.drain);
+        backend
     }
 
+    /// Healthy by its checks and not passively ejected.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.is_ejected()
+    }
+
+    /// Passively ejected now (pools without active checks).
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && clock_ms() < until
     }
 
     pub(crate) fn set_healthy(&self, healthy: bool) {
@@ -79,10 +140,100 @@ impl Backend {
         }
     }
 
-    /// A connect on the upgrade path failed: it counts like a failed check. (A
-    /// successful connect says nothing about an HTTP check, so it is not recorded.)
-    pub fn record_failure(&self, pool: &str, config: &HealthConfig) {
-        self.record_check(pool, false, config);
+    /// The result of one attempt on the upgrade path (a connect and handshake).
+    /// With active checks, a failure counts like a failed check and only a passing
+    /// check re-admits (a connect says nothing about an HTTP check). Without them,
+    /// `max_fails` failures in a row eject it for `fail_timeout`; after that it is
+    /// tried again, and a success brings it back.
+    pub fn record_attempt(&self, pool: &str, ok: bool, settings: &PoolConfig) {
+        if let Some(health) = &settings.health {
+            if !ok {
+                self.record_check(pool, false, health);
+            }
+            return;
+        }
+        if ok {
+            self.fails.store(0, Ordering::Relaxed);
+            if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
+                tracing::info!(pool, backend = %self.addr, "backend healthy again");
+            }
+            return;
+        }
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if fails >= settings.max_fails {
+            let until = clock_ms() + settings.fail_timeout.as_millis() as u64;
+            if self.ejected_until.swap(until, Ordering::Relaxed) == 0 {
+                tracing::warn!(pool, backend = %self.addr, failures = fails, pause = ?settings.fail_timeout, "backend ejected: failed attempts");
+            }
+        }
+    }
+
+    fn drain_state(&self) -> MutexGuard<'_, Drain> {
+        // Each change under this lock is a few assignments: never half done.
+        self.drain.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes a drain reason and keeps `draining` and the drain's start in step.
+    fn set_drain(&self, change: impl FnOnce(&mut Drain)) {
+        let mut drain = self.drain_state();
+        change(&mut drain);
+        let draining = drain.removed || drain.configured || drain.admin;
+        if draining && drain.since.is_none() {
+            drain.since = Some(Instant::now());
+        } else if !draining {
+            drain.since = None;
+            if drain.started.take().is_some() {
+                // Tunnels opened from now on must not be closed by that wave.
+                drain.wave = Wave::drain(&drain.root);
+            }
+        }
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Removed from (or back in) the config. Removal also ends an admin drain.
+    pub fn set_removed(&self, removed: bool) {
+        self.set_drain(|d| {
+            d.removed = removed;
+            if removed {
+                d.admin = false;
+            }
+        });
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.drain_state().removed
+    }
+
+    /// Drained (true) or made ready again (false) through the admin API.
+    pub fn set_admin_drain(&self, drain: bool) {
+        self.set_drain(|d| d.admin = drain);
+    }
+
+    /// The wave a tunnel opened now watches.
+    pub fn wave(&self) -> Arc<Wave> {
+        self.drain_state().wave.clone()
+    }
+
+    /// Starts closing this backend's tunnels once it has drained for
+    /// `drain_timeout` (again, one spread later, for any the wave missed). Returns
+    /// how many it told to close.
+    pub fn drain_tick(&self, now: Instant, timeout: Duration, spread: Duration) -> Option<u64> {
+        let mut drain = self.drain_state();
+        let since = drain.since?;
+        let active = self.active();
+        if active == 0 || now < since + timeout {
+            return None;
+        }
+        if let Some(started) = drain.started
+            && now < started + spread + Duration::from_secs(1)
+        {
+            return None;
+        }
+        let fresh = Wave::drain(&drain.root);
+        let wave = std::mem::replace(&mut drain.wave, fresh);
+        wave.start(active, spread);
+        drain.started = Some(now);
+        Some(active)
     }
 
     pub fn weight(&self) -> u32 {
@@ -110,15 +261,11 @@ impl Backend {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
-    }
-
     fn available(&self) -> bool {
         !self.is_draining()
     }
 
-    /// Can take new connections by preference: healthy and not draining.
+    /// Can take new connections by preference: healthy, not ejected, not draining.
     pub fn ready(&self) -> bool {
         self.available() && self.is_healthy()
     }
@@ -157,31 +304,84 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool, taking over the backends (and so their counts) that `previous`
-    /// already had at the same address, with the new weight.
-    pub fn new(name: &str, settings: &PoolConfig, previous: Option<&Pool>) -> Pool {
-        let backends = settings
+    /// already had at the same address, with the new weight. Backends `previous`
+    /// had that the config no longer lists stay, draining, while they have tunnels.
+    pub fn new(
+        name: &str,
+        settings: &PoolConfig,
+        previous: Option<&Pool>,
+        root: &Arc<Wave>,
+    ) -> Pool {
+        let mut backends: Vec<Arc<Backend>> = settings
             .backends
             .iter()
             .map(|config| {
-                previous
-                    .and_then(|p| p.backends.iter().find(|b| b.addr == config.addr))
-                    .inspect(|b| {
-                        b.weight.store(config.weight.get(), Ordering::Relaxed);
-                        if settings.health.is_none() {
-                            // Nothing checks it any more: it counts as healthy.
-                            b.set_healthy(true);
-                            b.streak.store(0, Ordering::Relaxed);
-                        }
-                    })
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(config)))
+                let Some(b) = previous.and_then(|p| p.backend(&config.addr)) else {
+                    return Arc::new(Backend::new(config, root));
+                };
+                b.weight.store(config.weight.get(), Ordering::Relaxed);
+                b.set_drain(|d| {
+                    d.removed = false;
+                    d.configured = config.drain;
+                });
+                if settings.health.is_none() {
+                    // Nothing checks it any more: it counts as healthy.
+                    b.set_healthy(true);
+                    b.streak.store(0, Ordering::Relaxed);
+                }
+                b.clone()
             })
             .collect();
+        if let Some(previous) = previous {
+            let leaving: Vec<Arc<Backend>> = previous
+                .backends
+                .iter()
+                .filter(|b| !settings.backends.iter().any(|c| c.addr == b.addr))
+                .filter(|b| {
+                    b.set_removed(true);
+                    b.active() > 0
+                })
+                .cloned()
+                .collect();
+            backends.extend(leaving);
+        }
         Pool {
             name: name.to_string(),
             backends,
             settings: settings.clone(),
         }
+    }
+
+    /// What is left of a pool the config no longer has: its backends that still
+    /// have tunnels, draining; `None` once there are none.
+    pub fn remnant(previous: &Pool) -> Option<Pool> {
+        let backends: Vec<Arc<Backend>> = previous
+            .backends
+            .iter()
+            .filter(|b| {
+                b.set_removed(true);
+                b.active() > 0
+            })
+            .cloned()
+            .collect();
+        (!backends.is_empty()).then(|| Pool {
+            name: previous.name.clone(),
+            backends,
+            settings: previous.settings.clone(),
+        })
+    }
+
+    /// The backend at `addr`, configured or leaving.
+    pub fn backend(&self, addr: &BackendAddr) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.addr == *addr)
+    }
+
+    /// Whether a leaving backend has no tunnel left, so the pool can be rebuilt
+    /// without it.
+    pub fn has_finished_leavers(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.active() == 0 && b.is_removed())
     }
 
     /// Picks the available backend with the fewest cluster-wide connections (this
@@ -253,10 +453,11 @@ mod tests {
             .map(|(i, w)| BackendConfig {
                 addr: BackendAddr::parse(&format!("127.0.0.1:{}", 9000 + i)).unwrap(),
                 weight: NonZeroU32::new(*w).unwrap(),
+                drain: false,
             })
             .collect();
         let settings = PoolConfig::with_backends(backends);
-        Pool::new("p", &settings, None)
+        Pool::new("p", &settings, None, &Wave::root())
     }
 
     #[test]
@@ -288,7 +489,7 @@ mod tests {
     fn skips_tried_and_draining_backends() {
         let pool = pool(&[1, 1, 1]);
         let mut rng = fastrand::Rng::with_seed(1);
-        pool.backends[1].set_draining(true);
+        pool.backends[1].set_admin_drain(true);
         let (i, _g) = pool.pick(&[0], &mut rng).unwrap();
         assert_eq!(i, 2);
         assert!(pool.pick(&[0, 2], &mut rng).is_none());

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -61,6 +61,8 @@ pub struct Update {
     /// Replace everything this instance had published (after a reconnect, or
     /// when backends came or went).
     pub full: bool,
+    /// How long the keys live: three heartbeats.
+    pub ttl: Duration,
     /// `POOL/BACKEND` → connections: every backend, whenever any count changed.
     pub counts: Vec<(String, u64)>,
     /// User → entries; an empty list removes the user.
@@ -173,13 +175,16 @@ pub struct RedisStore {
     conn: ConnectionManager,
     keys: Keys,
     instance: String,
-    ttl: Duration,
     call_time: Duration,
 }
 
 impl RedisStore {
     /// A store for `url`; connects on first use, never blocks here.
-    pub fn new(url: &str, config: &ClusterConfig) -> Result<RedisStore, ClusterError> {
+    pub fn new(
+        url: &str,
+        config: &ClusterConfig,
+        instance: &str,
+    ) -> Result<RedisStore, ClusterError> {
         let call_time = config.heartbeat.min(MAX_CALL_TIME);
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(call_time))
@@ -188,8 +193,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn: ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager)?,
             keys: Keys::new(&config.name),
-            instance: config.instance_id.clone(),
-            ttl: config.heartbeat * 3,
+            instance: instance.to_string(),
             call_time,
         })
     }
@@ -227,7 +231,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             let id = &self.instance;
             let (conns, presence) = (self.keys.conns(id), self.keys.presence(id));
-            let ttl = self.ttl.as_millis() as i64;
+            let ttl = update.ttl.as_millis() as i64;
             let mut pipe = redis::pipe();
             pipe.atomic();
             if update.full {
@@ -357,7 +361,11 @@ impl Store for RedisStore {
 
 /// This instance's view of the cluster.
 pub struct Cluster {
+    /// As at start: `redis`, `name` and `instance_id` need a restart to change.
     config: ClusterConfig,
+    instance: String,
+    /// Applied live by a reload, in ms.
+    heartbeat_ms: AtomicU64,
     presence: Arc<Presence>,
     store: Box<dyn Store>,
     events: broadcast::Sender<PresenceEvent>,
@@ -369,6 +377,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(config: &ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let instance = config
+            .instance_id
+            .clone()
+            .unwrap_or_else(ClusterConfig::generated_instance_id);
         let presence = Arc::new(Presence::default());
         let (events, _) = broadcast::channel(1024);
         let store: Box<dyn Store> = match &config.redis {
@@ -376,15 +388,17 @@ impl Cluster {
                 // rediss:// needs a process-wide rustls provider; a second install
                 // (another Gateway in the same process) is refused and harmless.
                 let _ = rustls::crypto::ring::default_provider().install_default();
-                Box::new(RedisStore::new(url, config)?)
+                Box::new(RedisStore::new(url, config, &instance)?)
             }
             None => Box::new(MemoryStore {
                 presence: presence.clone(),
-                instance: config.instance_id.clone(),
+                instance: instance.clone(),
             }),
         };
         Ok(Arc::new(Cluster {
             config: config.clone(),
+            instance,
+            heartbeat_ms: AtomicU64::new(config.heartbeat.as_millis() as u64),
             presence,
             store,
             events,
@@ -394,7 +408,31 @@ impl Cluster {
     }
 
     pub fn instance_id(&self) -> &str {
-        &self.config.instance_id
+        &self.instance
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed))
+    }
+
+    /// Applies what can change live (`heartbeat`); returns the keys that changed
+    /// but take effect only at the next start.
+    pub fn apply(&self, config: &ClusterConfig) -> Vec<&'static str> {
+        self.heartbeat_ms
+            .store(config.heartbeat.as_millis() as u64, Ordering::Relaxed);
+        let mut restart = Vec::new();
+        if config.redis != self.config.redis {
+            restart.push("cluster.redis");
+        }
+        if config.name != self.config.name {
+            restart.push("cluster.name");
+        }
+        if config.instance_id.is_some()
+            && config.instance_id.as_deref() != Some(self.instance.as_str())
+        {
+            restart.push("cluster.instance_id");
+        }
+        restart
     }
 
     pub fn presence(&self) -> &Arc<Presence> {
@@ -434,8 +472,9 @@ impl Cluster {
     /// Redis failures never end it: it logs the outage once, balances on local
     /// counts, reconnects with backoff and republishes everything when back.
     pub async fn run(self: Arc<Self>, state: Arc<State>, stop: CancellationToken) {
-        let heartbeat = self.config.heartbeat;
-        let mut flush = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(10)));
+        let flush_every = |heartbeat: Duration| (heartbeat / 4).max(Duration::from_millis(10));
+        let mut heartbeat = self.heartbeat();
+        let mut flush = tokio::time::interval(flush_every(heartbeat));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sync = SyncState {
             connected: false,
@@ -450,6 +489,13 @@ impl Cluster {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = flush.tick() => {}
+            }
+            if self.heartbeat() != heartbeat {
+                // A reload changed it: flush at the new pace from now on.
+                heartbeat = self.heartbeat();
+                flush = tokio::time::interval(flush_every(heartbeat));
+                flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                sync.next_heartbeat = sync.next_heartbeat.min(Instant::now() + heartbeat);
             }
             self.step(&state, &mut sync).await;
         }
@@ -493,6 +539,7 @@ impl Cluster {
             let changes = self.presence.take_changes();
             Update {
                 full: true,
+                ttl: self.heartbeat() * 3,
                 counts: counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
                 presence: self.presence.snapshot(),
                 events: changes.events,
@@ -505,6 +552,7 @@ impl Cluster {
             }
             Update {
                 full: false,
+                ttl: self.heartbeat() * 3,
                 counts: if counts_changed {
                     counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
                 } else {
@@ -525,7 +573,7 @@ impl Cluster {
         sync.full = false;
         self.up.store(true, Ordering::Relaxed);
         if heartbeat_due {
-            sync.next_heartbeat = now + self.config.heartbeat;
+            sync.next_heartbeat = now + self.heartbeat();
             match self.store.remote().await {
                 Ok(remote) => {
                     apply_remote(state, &remote.counts);

@@ -21,6 +21,8 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The backend connection ended without a close frame (reset, crash, EOF).
     pub const BACKEND_GONE: u16 = 1011;
+    /// Service Restart: "reconnect, you will land elsewhere" (drain, rebalance).
+    pub const SERVICE_RESTART: u16 = 1012;
     /// A close frame with no status code in it.
     pub const NO_STATUS: u16 = 1005;
 }

@@ -34,11 +34,11 @@ pub struct Shared {
     pub state: Arc<State>,
     pub cluster: Arc<Cluster>,
     pub page: Option<&'static str>,
-    /// Count messages and bytes per direction.
-    pub message_metrics: bool,
     /// Holds every connection task, tunnels included.
     pub tracker: TaskTracker,
-    pub shutdown: CancellationToken,
+    /// Cancelled when wsgate stops accepting (shutdown): HTTP connections finish
+    /// their request and close, and an upgrade not yet answered gets a 503.
+    pub stopping: CancellationToken,
     /// One permit per client connection, held from accept to the end of its tunnel.
     pub permits: Arc<Semaphore>,
 }
@@ -89,6 +89,9 @@ pub async fn handle(
     if let Some(page) = page(&shared, &req) {
         return page;
     }
+    if shared.stopping.is_cancelled() {
+        return shutting_down();
+    }
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -104,6 +107,12 @@ pub async fn handle(
         .instrument(span.clone())
         .await;
     match accepted {
+        // Caught mid-handshake by the shutdown: the backend's tunnel is dropped
+        // unused, and the client told to come back, never given a 101 and a close.
+        Ok(accepted) if shared.stopping.is_cancelled() => {
+            m::upgrade_counter(&accepted.route_pool.name, "", "shutting_down").increment(1);
+            shutting_down()
+        }
         Ok(accepted) => {
             let Upgraded { index, .. } = accepted.upgraded;
             if let Some(ok) = accepted.metrics.upgrades_ok.get(index) {
@@ -120,6 +129,19 @@ pub async fn handle(
             *refusal.response
         }
     }
+}
+
+/// 503 with `Retry-After`: this instance is shutting down, another will answer.
+fn shutting_down() -> Response<Full<Bytes>> {
+    let mut response = handshake::plain(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "shutting down: connect again",
+    );
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    response
 }
 
 /// The demo's page, for a plain `GET /` when the gateway has one.
@@ -261,15 +283,17 @@ fn start_tunnel(
     let limits = Limits {
         idle_timeout: pool.settings.idle_timeout,
         max_message_size: pool.settings.max_message_size,
+        close_timeout: pool.settings.close_timeout,
     };
+    let wave = guard.backend().wave();
     let guards = Guards {
         backend: Some(guard),
         presence,
         permit: Some(permit),
     };
-    let meter = shared.message_metrics.then(|| Meter::new(&pool.name));
+    let message_metrics = shared.state.load().config.admin.message_metrics;
+    let meter = message_metrics.then(|| Meter::new(&pool.name));
     let tunnel = Prepared::new(stream, early, limits, guards, meter);
-    let shutdown = shared.shutdown.clone();
     let task = async move {
         let client = match client.await {
             Ok(u) => u,
@@ -285,7 +309,7 @@ fn start_tunnel(
         tracing::debug!("tunnel open");
         let opened = Instant::now();
         let outcome = tunnel
-            .run(client.io.into_inner(), client.read_buf, shutdown)
+            .run(client.io.into_inner(), client.read_buf, wave)
             .await;
         count_close(&pool.name, &outcome);
         metrics.connection.record(opened.elapsed().as_secs_f64());
@@ -310,16 +334,28 @@ fn count_close(pool: &str, outcome: &Outcome) {
     let (initiator, code) = match (outcome.end, outcome.first_close) {
         (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
         (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
+        (End::Drain, _) => ("wsgate", Some(close_code::SERVICE_RESTART)),
         (_, Some(s)) => (side(s), first_code(s)),
         (End::ClientGone, None) => ("client", None),
         (End::BackendGone, None) => ("backend", None),
-        (End::Closed, None) => ("client", None),
+        (End::Closed | End::CloseTimeout, None) => ("client", None),
+    };
+    let reason = match outcome.end {
+        End::Closed => "closed",
+        End::ClientGone => "client_gone",
+        End::BackendGone => "backend_gone",
+        End::TooBig(_) => "too_big",
+        End::Idle => "idle",
+        End::Shutdown => "shutdown",
+        End::Drain => "drain",
+        End::CloseTimeout => "close_timeout",
     };
     ::metrics::counter!(
         m::CLOSES,
         "pool" => pool.to_string(),
         "code" => m::close_code_label(code),
         "initiator" => initiator,
+        "reason" => reason,
     )
     .increment(1);
 }

@@ -1,4 +1,5 @@
-//! Backend health: active checks (a TCP connect, or `GET path` answering 2xx) and
+//! Backend health: active checks (a TCP connect, `GET path` answering 2xx, or a
+//! WebSocket upgrade to `path` whose 101 and `Sec-WebSocket-Accept` are right) and
 //! passive results (connects that fail on the upgrade path), with hysteresis: a
 //! backend is ejected after `unhealthy_after` consecutive failures and returns
 //! after `healthy_after` consecutive successful checks. Only a passing check
@@ -13,35 +14,73 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendAddr, HealthConfig};
+use crate::config::{BackendAddr, CheckKind, HealthConfig};
 use crate::state::State;
 
 /// One check of one backend.
 async fn check(addr: &BackendAddr, config: &HealthConfig) -> bool {
     let attempt = async {
         let stream = crate::upstream::connect(addr).await.ok()?;
-        let Some(path) = &config.path else {
-            return Some(true);
+        let (path, websocket) = match &config.kind {
+            CheckKind::Tcp => return Some(true),
+            CheckKind::Http { path } => (path, false),
+            CheckKind::WebSocket { path } => (path, true),
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .ok()?;
-        let request = http::Request::get(path.as_str())
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        let mut request = http::Request::get(path.as_str())
             .header(http::header::HOST, addr.to_string())
-            .header(http::header::USER_AGENT, "wsgate-health")
-            .body(Empty::<Bytes>::new())
-            .ok()?;
+            .header(http::header::USER_AGENT, "wsgate-health");
+        if websocket {
+            request = request
+                .header(http::header::CONNECTION, "Upgrade")
+                .header(http::header::UPGRADE, "websocket")
+                .header(http::header::SEC_WEBSOCKET_VERSION, "13")
+                .header(http::header::SEC_WEBSOCKET_KEY, &key);
+        }
+        let request = request.body(Empty::<Bytes>::new()).ok()?;
         let send = sender.send_request(request);
-        tokio::pin!(conn);
-        // The connection is driven here; it ending before the answer is a failure.
-        let response = tokio::select! {
-            response = send => response.ok()?,
-            _ = &mut conn => return Some(false),
+        let mut send = std::pin::pin!(send);
+        // The connection is driven here. After a 101 it may finish (handing the
+        // socket over) in the same poll that delivers the answer: its result is
+        // kept, not taken as a failure.
+        let mut conn = std::pin::pin!(conn.with_upgrades());
+        let mut conn_ended = None;
+        let mut response = loop {
+            tokio::select! {
+                response = &mut send => break response.ok()?,
+                ended = &mut conn, if conn_ended.is_none() => conn_ended = Some(ended),
+            }
         };
-        Some(response.status().is_success())
+        if !websocket {
+            return Some(response.status().is_success());
+        }
+        let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accepted = response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && response
+                .headers()
+                .get(http::header::SEC_WEBSOCKET_ACCEPT)
+                .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+        if !accepted {
+            return Some(false);
+        }
+        // A clean goodbye: close 1000, then FIN.
+        let on_upgrade = hyper::upgrade::on(&mut response);
+        match conn_ended {
+            Some(ended) => ended.ok()?,
+            None => conn.await.ok()?,
+        }
+        let mut upgraded = TokioIo::new(on_upgrade.await.ok()?);
+        let (frame, len) = crate::frame::close_frame(1000, Some(fastrand::u32(..).to_be_bytes()));
+        upgraded.write_all(&frame[..len]).await.ok()?;
+        upgraded.shutdown().await.ok()?;
+        Some(true)
     };
     matches!(timeout(config.timeout, attempt).await, Ok(Some(true)))
 }
@@ -95,35 +134,81 @@ mod tests {
 
     #[test]
     fn passive_successes_do_not_readmit() {
-        let backend = Backend::new(&BackendConfig {
-            addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
-            weight: NonZeroU32::MIN,
-        });
+        let backend = Backend::new(
+            &BackendConfig {
+                addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
+                weight: NonZeroU32::MIN,
+                drain: false,
+            },
+            &crate::closing::Wave::root(),
+        );
         let config = HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
-            path: Some("/health".into()),
+            kind: CheckKind::Http {
+                path: "/health".into(),
+            },
             unhealthy_after: 1,
             healthy_after: 1,
         };
         backend.record_check("p", false, &config);
         assert!(!backend.is_healthy());
-        backend.record_failure("p", &config);
+        let mut pool = crate::config::PoolConfig::with_backends(Vec::new());
+        pool.health = Some(config.clone());
+        backend.record_attempt("p", false, &pool);
+        assert!(!backend.is_healthy());
+        // A connect that works says nothing about the HTTP check.
+        backend.record_attempt("p", true, &pool);
         assert!(!backend.is_healthy());
         backend.record_check("p", true, &config);
         assert!(backend.is_healthy());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn without_checks_failures_eject_for_fail_timeout() {
+        let backend = Backend::new(
+            &BackendConfig {
+                addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
+                weight: NonZeroU32::MIN,
+                drain: false,
+            },
+            &crate::closing::Wave::root(),
+        );
+        let mut pool = crate::config::PoolConfig::with_backends(Vec::new());
+        pool.max_fails = 3;
+        pool.fail_timeout = Duration::from_secs(10);
+        for _ in 0..2 {
+            backend.record_attempt("p", false, &pool);
+        }
+        assert!(backend.is_healthy(), "two failures are not yet max_fails");
+        backend.record_attempt("p", false, &pool);
+        assert!(!backend.is_healthy() && !backend.ready());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!backend.is_healthy());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(backend.is_healthy(), "tried again after fail_timeout");
+        backend.record_attempt("p", false, &pool);
+        assert!(!backend.is_healthy(), "the retry failed: out again");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        backend.record_attempt("p", true, &pool);
+        backend.record_attempt("p", false, &pool);
+        assert!(backend.is_healthy(), "a success reset the count");
+    }
+
     #[test]
     fn flips_only_after_the_streak() {
-        let backend = Backend::new(&BackendConfig {
-            addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
-            weight: NonZeroU32::MIN,
-        });
+        let backend = Backend::new(
+            &BackendConfig {
+                addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
+                weight: NonZeroU32::MIN,
+                drain: false,
+            },
+            &crate::closing::Wave::root(),
+        );
         let config = HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
-            path: None,
+            kind: CheckKind::Tcp,
             unhealthy_after: 3,
             healthy_after: 2,
         };

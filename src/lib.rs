@@ -13,6 +13,9 @@
 //! | [`frame`] | the frame walker the tunnel runs in each direction |
 //! | [`cluster`] | state shared with other instances: Redis or in memory |
 //! | [`presence`] | identities, presence records and join/leave events |
+//! | [`closing`] | close waves: drains and shutdown spread their closes |
+//! | [`drain`] | the task that starts drain waves and drops what finished leaving |
+//! | [`reload`] | what a reload changed (its log line), the config file watch |
 //! | [`health`] | active checks and passive ejection, with hysteresis |
 //! | [`admin`] | the admin listener: metrics, health, backends, presence |
 //! | [`metrics`] | metric names, descriptions, the Prometheus recorder |
@@ -23,8 +26,10 @@ pub mod admin;
 pub mod backend;
 pub mod backoff;
 pub mod balancer;
+pub mod closing;
 pub mod cluster;
 pub mod config;
+pub mod drain;
 pub mod frame;
 pub mod handler;
 pub mod handshake;
@@ -32,12 +37,15 @@ pub mod health;
 pub mod metrics;
 pub mod presence;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod upstream;
 
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -66,29 +74,38 @@ impl std::fmt::Display for Chain<'_> {
 
 /// The sockets wsgate serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
+    /// One per `[server] listen` address, in the same order.
     pub server: Vec<TcpListener>,
     /// The admin listener, when `[admin] listen` is set.
     pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds every `[server] listen` address of `config`.
+    /// Binds every `[server] listen` address of `config`, and `[admin] listen`.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let mut server = Vec::new();
         for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            server.push(listener);
+            server.push(server::bind(*addr)?);
         }
         let admin = match config.admin.listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
-            })?),
+            Some(addr) => Some(server::bind(addr)?),
             None => None,
         };
         Ok(Listeners { server, admin })
     }
+}
+
+/// Why a reload was refused; the running configuration is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A proxy built from a config: its state can be inspected (and reloaded) while
@@ -98,9 +115,66 @@ pub struct Gateway {
     cluster: Arc<Cluster>,
     /// Served to a plain `GET /` (the demo's chat page).
     page: Option<&'static str>,
-    admin: config::AdminConfig,
-    /// Whether `[cluster] redis` is set (read at start only).
-    redis: bool,
+    /// What `run` started, for reloads to change.
+    running: Mutex<Option<Running>>,
+}
+
+/// The listeners `run` serves and the connection limit, as a reload finds them.
+struct Running {
+    shared: handler::Shared,
+    /// Configured address → the stop of its accept loop.
+    listeners: BTreeMap<std::net::SocketAddr, CancellationToken>,
+    /// The admin listener's configured address and the stop of its loop.
+    admin_listener: Option<(std::net::SocketAddr, CancellationToken)>,
+    admin: Arc<admin::Admin>,
+    /// Parent of the admin listener's stop: cancelled at the very end.
+    admin_root: CancellationToken,
+    /// Accept loops (proxy and admin).
+    loops: TaskTracker,
+    max_connections: usize,
+}
+
+impl Running {
+    fn start_listener(&mut self, addr: std::net::SocketAddr, listener: TcpListener) {
+        let stop = self.shared.stopping.child_token();
+        self.listeners.insert(addr, stop.clone());
+        self.loops
+            .spawn(server::serve_until(listener, stop, self.shared.clone()));
+    }
+
+    fn start_admin(
+        &mut self,
+        addr: std::net::SocketAddr,
+        listener: TcpListener,
+        stop: &CancellationToken,
+    ) {
+        let stop = stop.child_token();
+        self.admin_listener = Some((addr, stop.clone()));
+        self.loops
+            .spawn(admin::serve(listener, self.admin.clone(), stop));
+    }
+
+    /// Grows or shrinks the connection limit; connections over a lowered limit
+    /// keep going, and new ones wait until enough have ended.
+    fn resize(&mut self, max_connections: usize) {
+        let permits = &self.shared.permits;
+        if max_connections > self.max_connections {
+            permits.add_permits(max_connections - self.max_connections);
+        } else if max_connections < self.max_connections {
+            let excess = self.max_connections - max_connections;
+            let forgotten = permits.forget_permits(excess);
+            if forgotten < excess {
+                let permits = permits.clone();
+                let owed = (excess - forgotten) as u32;
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(owed).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.max_connections = max_connections;
+    }
 }
 
 impl Gateway {
@@ -110,33 +184,87 @@ impl Gateway {
             state: Arc::new(State::new(config)),
             cluster: Cluster::new(&config.cluster)?,
             page: None,
-            admin: config.admin.clone(),
-            redis: config.cluster.redis.is_some(),
+            running: Mutex::new(None),
         })
     }
 
-    /// Swaps in a new configuration: routes, pools, backends and their settings,
-    /// and `[server] handshake_timeout` and `max_header_bytes` (read per new client
-    /// connection). Live tunnels keep the settings they started with. `[server]
-    /// listen` and `max_connections`, `[admin]` and `[cluster]` are read at start.
-    pub fn reload(&self, config: &Config) {
-        self.state.reload(config);
-        ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
-    }
-
-    /// Reads, validates and swaps in `path`; an invalid file keeps the running
-    /// configuration and is counted as an error.
-    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), ConfigError> {
-        match Config::load(path) {
-            Ok(config) => {
-                self.reload(&config);
-                Ok(())
+    /// Applies `config` as a difference from the running one: listeners added are
+    /// bound (all of them first: if one cannot be, nothing changes), removed ones
+    /// stop accepting (their tunnels go on), the admin listener moves, the
+    /// connection limit changes, routes and pools are swapped (backends that left
+    /// drain), `[cluster] heartbeat` applies; a key that needs a restart is
+    /// warned about by name. Returns the one line that says what changed.
+    pub fn reload(&self, config: &Config) -> Result<String, ReloadError> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.state.load();
+        // Everything that can fail, first.
+        let mut bound = Vec::new();
+        let mut admin_bound = None;
+        if let Some(running) = running.as_ref() {
+            for addr in &config.server.listen {
+                if !running.listeners.contains_key(addr) {
+                    let listener = server::bind(*addr).map_err(|source| ReloadError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                    bound.push((*addr, listener));
+                }
             }
-            Err(e) => {
-                ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "error").increment(1);
-                Err(e)
+            let admin_at = running.admin_listener.as_ref().map(|(a, _)| *a);
+            if let Some(addr) = config.admin.listen
+                && admin_at != Some(addr)
+            {
+                let listener =
+                    server::bind(addr).map_err(|source| ReloadError::Bind { addr, source })?;
+                admin_bound = Some((addr, listener));
             }
         }
+        let changes = self.state.reload(config);
+        let mut summary = reload::Summary::new(&old.config, config, &changes);
+        if let Some(running) = running.as_mut() {
+            let removed: Vec<_> = running
+                .listeners
+                .keys()
+                .filter(|a| !config.server.listen.contains(a))
+                .copied()
+                .collect();
+            for addr in removed {
+                if let Some(stop) = running.listeners.remove(&addr) {
+                    stop.cancel();
+                }
+            }
+            for (addr, listener) in bound {
+                running.start_listener(addr, listener);
+            }
+            if running.admin_listener.as_ref().map(|(a, _)| *a) != config.admin.listen {
+                if let Some((_, stop)) = running.admin_listener.take() {
+                    stop.cancel();
+                }
+                if let Some((addr, listener)) = admin_bound {
+                    let root = running.admin_root.clone();
+                    running.start_admin(addr, listener, &root);
+                }
+            }
+            running.resize(config.server.max_connections);
+        }
+        for key in self.cluster.apply(&config.cluster) {
+            tracing::warn!(key, "{key} changed: it takes effect at the next start");
+            summary.restart(key);
+        }
+        ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
+        Ok(summary.to_string())
+    }
+
+    /// Reads, validates and applies `path`; an invalid file (or an address that
+    /// cannot be bound) keeps the running configuration and is counted as an error.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<String, ReloadError> {
+        let applied = Config::load(path)
+            .map_err(ReloadError::from)
+            .and_then(|config| self.reload(&config));
+        if applied.is_err() {
+            ::metrics::counter!(metrics::CONFIG_RELOADS, "result" => "error").increment(1);
+        }
+        applied
     }
 
     /// Serves `html` to a plain `GET /` (not an upgrade) before routing.
@@ -153,55 +281,103 @@ impl Gateway {
         &self.cluster
     }
 
-    /// Serves until `shutdown` is cancelled, then closes every tunnel (1001) and
-    /// returns once all connection tasks have ended.
+    /// Serves until `shutdown` is cancelled, then shuts down gracefully: `/readyz`
+    /// answers 503 at once, the listeners keep accepting for `shutdown_delay`,
+    /// then stop, and open tunnels are closed (1001) spread over
+    /// `shutdown_spread`. Returns once the last tunnel has ended, or at
+    /// `shutdown_timeout` after the signal.
     pub async fn run(&self, listeners: Listeners, shutdown: CancellationToken) {
+        let config = self.state.load().config.clone();
         let tracker = TaskTracker::new();
-        let max_connections = self.state.load().server.max_connections;
         let stop_cluster = CancellationToken::new();
         let cluster_task = tokio::spawn(
             self.cluster
                 .clone()
                 .run(self.state.clone(), stop_cluster.clone()),
         );
-        let stop_admin = CancellationToken::new();
+        let stop_background = CancellationToken::new();
         let background = TaskTracker::new();
-        background.spawn(health::run(self.state.clone(), stop_admin.clone()));
-        if let Some(listener) = listeners.admin {
-            let admin = Arc::new(admin::Admin {
-                state: self.state.clone(),
-                cluster: self.cluster.clone(),
-                draining: shutdown.clone(),
-                token: self.admin.token.clone(),
-                redis: self.redis,
-            });
-            background.spawn(admin::serve(listener, admin, stop_admin.clone()));
-        }
+        background.spawn(health::run(self.state.clone(), stop_background.clone()));
+        background.spawn(drain::run(self.state.clone(), stop_background.clone()));
         background.close();
         let shared = handler::Shared {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
             page: self.page,
-            message_metrics: self.admin.message_metrics,
             tracker: tracker.clone(),
-            shutdown: shutdown.clone(),
-            permits: Arc::new(Semaphore::new(max_connections)),
+            stopping: CancellationToken::new(),
+            permits: Arc::new(Semaphore::new(config.server.max_connections)),
         };
-        let accept_loops = TaskTracker::new();
-        for listener in listeners.server {
-            accept_loops.spawn(server::serve(listener, shared.clone()));
+        let admin = Arc::new(admin::Admin {
+            state: self.state.clone(),
+            cluster: self.cluster.clone(),
+            draining: shutdown.clone(),
+            redis: config.cluster.redis.is_some(),
+        });
+        let loops = TaskTracker::new();
+        let mut running = Running {
+            shared: shared.clone(),
+            listeners: BTreeMap::new(),
+            admin_listener: None,
+            admin_root: stop_background.clone(),
+            admin,
+            loops: loops.clone(),
+            max_connections: config.server.max_connections,
+        };
+        for (addr, listener) in config.server.listen.iter().zip(listeners.server) {
+            running.start_listener(*addr, listener);
         }
-        accept_loops.close();
-        accept_loops.wait().await;
+        if let (Some(addr), Some(listener)) = (config.admin.listen, listeners.admin) {
+            running.start_admin(addr, listener, &stop_background);
+        }
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
+
+        shutdown.cancelled().await;
+        let signalled = tokio::time::Instant::now();
+        let server = self.state.load().config.server.clone();
+        tracing::info!(delay = ?server.shutdown_delay, spread = ?server.shutdown_spread, timeout = ?server.shutdown_timeout, "shutting down: /readyz answers 503");
+        tokio::time::sleep(server.shutdown_delay).await;
+        shared.stopping.cancel();
+        let open: u64 = self
+            .state
+            .load()
+            .pools
+            .values()
+            .flat_map(|p| p.backends.iter())
+            .map(|b| b.active())
+            .sum();
+        tracing::info!(
+            tunnels = open,
+            "listeners stopped: closing tunnels with 1001"
+        );
+        self.state.root().start(open, server.shutdown_spread);
         tracker.close();
-        tracker.wait().await;
+        let deadline = signalled + server.shutdown_timeout;
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tunnels = tracker.len(),
+                "shutdown_timeout reached: exiting with tunnels still open"
+            );
+        }
         // Every tunnel is closed: publish the last leaves, then leave the cluster.
         stop_cluster.cancel();
-        if let Err(e) = cluster_task.await {
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), cluster_task).await {
             tracing::error!(error = %e, "cluster task failed");
         }
-        stop_admin.cancel();
-        background.wait().await;
+        stop_background.cancel();
+        loops.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loops.wait().await;
+            background.wait().await;
+        })
+        .await;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 

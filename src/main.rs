@@ -224,13 +224,18 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&config).await?;
         let gateway = std::sync::Arc::new(Gateway::new(&config)?);
         let shutdown = CancellationToken::new();
+        let stop_watch = CancellationToken::new();
+        match wsgate::reload::watch(path.clone(), gateway.clone(), stop_watch.clone()) {
+            Ok(_) => tracing::debug!(path = %path.display(), "watching the config file"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file: reload with SIGHUP")
+            }
+        }
         let reloading = gateway.clone();
-        let reload = move || match reloading.reload_from(&path) {
-            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration:\n{e}"),
-        };
+        let reload = move || wsgate::reload::apply_file(&reloading, &path, "SIGHUP");
         tokio::spawn(signals(shutdown.clone(), Some(Box::new(reload))));
         gateway.run(listeners, shutdown).await;
+        stop_watch.cancel();
         tracing::info!("stopped");
         Ok(())
     })

@@ -8,6 +8,10 @@ use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+/// A gauge not set within this long before a render is left out of it.
+const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
 
 pub const CONNECTIONS_ACTIVE: &str = "wsgate_connections_active";
 pub const CLUSTER_CONNECTIONS: &str = "wsgate_cluster_connections";
@@ -36,7 +40,10 @@ const LIFETIME_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 1
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
+        // Every gauge is set by the scrape that renders it (see `admin`): one no
+        // scrape sets any more (a backend that finished draining) vanishes at once.
         let recorder = PrometheusBuilder::new()
+            .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
             .set_buckets_for_metric(Matcher::Full(UPGRADE_DURATION.into()), SECONDS_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(
@@ -82,7 +89,7 @@ fn describe() {
     );
     describe_counter!(
         CLOSES,
-        "Ended tunnels by first close code and who started the close."
+        "Ended tunnels by first close code, who started the close, and why it ended."
     );
     describe_gauge!(
         BACKEND_UP,

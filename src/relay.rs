@@ -23,24 +23,23 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 use crate::balancer::ConnGuard;
+use crate::closing::{Reason, Wave};
 use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
 use crate::presence::PresenceGuard;
 
 /// Buffer for one read: large enough to move a typical message in one go.
 const READ_BUF: usize = 64 * 1024;
 
-/// How long the relay waits, once it has decided to close, for pending bytes and its
-/// close frame to be written and for the client to answer.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
 /// Settings a tunnel takes from its pool.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub idle_timeout: Duration,
     pub max_message_size: u64,
+    /// Once a close frame has gone one way, how long the other side has to answer
+    /// and close; also how long wsgate waits for a peer to take its own close.
+    pub close_timeout: Duration,
 }
 
 /// Which end of the tunnel.
@@ -63,6 +62,11 @@ pub enum End {
     TooBig(Side),
     /// No traffic either way for the pool's idle timeout; both were sent 1001.
     Idle,
+    /// The backend drained: the client was sent 1012, the backend 1001.
+    Drain,
+    /// A close frame went one way and the other side did not answer and close
+    /// within the close timeout: both sockets were closed.
+    CloseTimeout,
     /// wsgate is shutting down; both were sent 1001.
     Shutdown,
 }
@@ -480,7 +484,7 @@ impl<B: RelayIo> Prepared<B> {
         self: Box<Self>,
         client: C,
         client_early: Bytes,
-        shutdown: CancellationToken,
+        wave: Arc<Wave>,
     ) -> Outcome {
         let Prepared {
             backend,
@@ -501,8 +505,10 @@ impl<B: RelayIo> Prepared<B> {
             down: Flow::new(limits.max_message_size),
             first_close: None,
             last_activity: Instant::now(),
+            first_close_at: None,
+            closing: None,
         });
-        tunnel.run(client_early, backend_early, shutdown).await
+        tunnel.run(client_early, backend_early, wave).await
     }
 }
 
@@ -521,12 +527,19 @@ struct Tunnel<C, B> {
     /// Who sent the first close frame, once someone has.
     first_close: Option<Side>,
     last_activity: Instant,
+    /// When the first close frame was seen: the other side's answer is due
+    /// `close_timeout` later.
+    first_close_at: Option<Instant>,
+    /// Told to close by a wave: how, and when its slot comes.
+    closing: Option<(End, Instant)>,
 }
 
 /// What woke the relay.
 enum Event {
-    Shutdown,
-    Idle,
+    /// A wave (drain or shutdown) started.
+    Wave,
+    /// The timer fired: idle, close deadline or the wave's slot.
+    Timer,
     ClientRead(Step),
     BackendRead(Step),
     /// What was pending for the backend is written, or writing it failed.
@@ -535,15 +548,10 @@ enum Event {
 }
 
 impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
-    async fn run(
-        &mut self,
-        client_early: Bytes,
-        backend_early: Bytes,
-        shutdown: CancellationToken,
-    ) -> Outcome {
+    async fn run(&mut self, client_early: Bytes, backend_early: Bytes, wave: Arc<Wave>) -> Outcome {
         let end = match self.feed_early(client_early, backend_early) {
             Some(end) => end,
-            None => self.relay(&shutdown).await,
+            None => self.relay(&wave).await,
         };
         if let Some(meter) = self.meter.as_mut() {
             meter.add(&self.up, &self.down, Instant::now());
@@ -586,14 +594,32 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         None
     }
 
-    fn note_first_close(&mut self) {
-        if self.first_close.is_none() {
-            if self.up.walker.close_code().is_some() {
-                self.first_close = Some(Side::Client);
-            } else if self.down.walker.close_code().is_some() {
-                self.first_close = Some(Side::Backend);
-            }
+    /// Records who sent the first close frame; true when that just happened.
+    fn note_first_close(&mut self) -> bool {
+        if self.first_close.is_some() {
+            return false;
         }
+        self.first_close = if self.up.walker.close_code().is_some() {
+            Some(Side::Client)
+        } else if self.down.walker.close_code().is_some() {
+            Some(Side::Backend)
+        } else {
+            return false;
+        };
+        self.first_close_at = Some(Instant::now());
+        true
+    }
+
+    /// The earliest of: idle timeout, close deadline, the wave's slot.
+    fn next_deadline(&self) -> Instant {
+        let mut at = self.last_activity + self.limits.idle_timeout;
+        if let Some(first) = self.first_close_at {
+            at = at.min(first + self.limits.close_timeout);
+        }
+        if let Some((_, slot)) = self.closing {
+            at = at.min(slot);
+        }
+        at
     }
 
     /// The relay loop proper; returns why it stopped. On `Closed` both sides have
@@ -602,10 +628,10 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     /// It waits with the streams' own poll functions (one waker slot each, no
     /// waiter list to join and leave per event) and a cancellation future pinned
     /// once, so an event costs the system calls that move the bytes and little else.
-    async fn relay(&mut self, shutdown: &CancellationToken) -> End {
-        let idle = tokio::time::sleep(self.limits.idle_timeout);
-        tokio::pin!(idle);
-        let cancelled = shutdown.cancelled();
+    async fn relay(&mut self, wave: &Wave) -> End {
+        let timer = tokio::time::sleep(self.limits.idle_timeout);
+        tokio::pin!(timer);
+        let cancelled = wave.token().cancelled();
         tokio::pin!(cancelled);
         // Which side is looked at first when both are readable, for fairness.
         let mut client_first = true;
@@ -614,19 +640,31 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
                 return End::Closed;
             }
-            self.note_first_close();
+            if self.note_first_close() {
+                timer.as_mut().reset(self.next_deadline());
+            }
             if let Some(m) = self.meter.as_mut()
                 && self.last_activity.duration_since(m.last_added) >= METER_EVERY
             {
                 m.add(&self.up, &self.down, self.last_activity);
             }
             client_first = !client_first;
+            let watch_wave = self.closing.is_none();
             let event = self
-                .next_event(client_first, &mut cancelled, &mut idle)
+                .next_event(client_first, watch_wave, &mut cancelled, &mut timer)
                 .await;
             let ended = match event {
-                Event::Shutdown => Some(End::Shutdown),
-                Event::Idle => self.on_idle(idle.as_mut()),
+                Event::Wave => {
+                    let (reason, delay) = wave.plan();
+                    let end = match reason {
+                        Reason::Shutdown => End::Shutdown,
+                        Reason::Drain => End::Drain,
+                    };
+                    self.closing = Some((end, Instant::now() + delay));
+                    timer.as_mut().reset(self.next_deadline());
+                    None
+                }
+                Event::Timer => self.on_timer(timer.as_mut()),
                 Event::ClientRead(step) => self.on_client_read(step),
                 Event::BackendRead(step) => self.on_backend_read(step),
                 Event::BackendFlushed(flushed) => flushed.is_err().then_some(End::BackendGone),
@@ -643,8 +681,9 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     async fn next_event(
         &mut self,
         client_first: bool,
+        watch_wave: bool,
         cancelled: &mut Pin<&mut impl Future<Output = ()>>,
-        idle: &mut Pin<&mut tokio::time::Sleep>,
+        timer: &mut Pin<&mut tokio::time::Sleep>,
     ) -> Event {
         let Tunnel {
             client,
@@ -658,8 +697,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         let flush_backend = !up.pending.is_empty();
         let flush_client = !down.pending.is_empty();
         std::future::poll_fn(|cx| {
-            if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Shutdown);
+            if watch_wave && cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Wave);
             }
             for client_turn in [client_first, !client_first] {
                 if client_turn
@@ -685,22 +724,32 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             {
                 return Poll::Ready(Event::ClientFlushed(r));
             }
-            if idle.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Idle);
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
             }
             Poll::Pending
         })
         .await
     }
 
-    /// The idle timer fired: end the tunnel, or wait for the rest of the timeout
-    /// when there was traffic meanwhile.
-    fn on_idle(&mut self, idle: Pin<&mut tokio::time::Sleep>) -> Option<End> {
-        let deadline = self.last_activity + self.limits.idle_timeout;
-        if Instant::now() >= deadline {
+    /// The timer fired: the wave's slot came, the close deadline passed, or the
+    /// tunnel was idle too long; else (there was traffic meanwhile) wait on.
+    fn on_timer(&mut self, timer: Pin<&mut tokio::time::Sleep>) -> Option<End> {
+        let now = Instant::now();
+        if let Some((end, slot)) = self.closing
+            && now >= slot
+        {
+            return Some(end);
+        }
+        if let Some(first) = self.first_close_at
+            && now >= first + self.limits.close_timeout
+        {
+            return Some(End::CloseTimeout);
+        }
+        if now >= self.last_activity + self.limits.idle_timeout {
             return Some(End::Idle);
         }
-        idle.reset(deadline);
+        timer.reset(self.next_deadline());
         None
     }
 
@@ -751,6 +800,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     /// finished closing.
     async fn finish(&mut self, end: End) {
         let (to_client, to_backend) = match end {
+            // Each side had its chance to close: nothing more to say or wait for.
+            End::CloseTimeout => return self.guards.release_backend(),
             End::Closed => (None, None),
             End::ClientGone => (None, Some(close_code::GOING_AWAY)),
             End::BackendGone => (Some(close_code::BACKEND_GONE), None),
@@ -761,7 +812,12 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             End::Idle | End::Shutdown => {
                 (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
             }
+            End::Drain => (
+                Some(close_code::SERVICE_RESTART),
+                Some(close_code::GOING_AWAY),
+            ),
         };
+        let grace = self.limits.close_timeout;
         let Tunnel {
             client,
             backend,
@@ -774,7 +830,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             if end != End::BackendGone {
                 let mask = fastrand::u32(..).to_be_bytes();
                 let closed = close_side(backend, up, to_backend, Some(mask));
-                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                if let Ok(Err(e)) = timeout(grace, closed).await {
                     tracing::debug!(error = %e, "backend gone while closing");
                 }
             }
@@ -783,7 +839,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         let close_client = async {
             if end != End::ClientGone {
                 let closed = close_side(client, down, to_client, None);
-                if let Ok(Err(e)) = timeout(CLOSE_GRACE, closed).await {
+                if let Ok(Err(e)) = timeout(grace, closed).await {
                     tracing::debug!(error = %e, "client gone while closing");
                 }
             }
@@ -853,6 +909,7 @@ mod tests {
         let limits = Limits {
             idle_timeout: Duration::from_secs(5),
             max_message_size: 1024,
+            close_timeout: Duration::from_secs(5),
         };
         let prepared = Prepared::new(
             Polled::new(backend),
@@ -861,8 +918,7 @@ mod tests {
             no_guards(),
             None,
         );
-        let tunnel =
-            tokio::spawn(prepared.run(Polled::new(client), Bytes::new(), CancellationToken::new()));
+        let tunnel = tokio::spawn(prepared.run(Polled::new(client), Bytes::new(), Wave::root()));
         // Larger than the duplex buffers: the relay must wait for the reader.
         let payload = vec![b'x'; 500];
         let up = encode(0x80 | OP_TEXT, &payload, Some([1, 2, 3, 4]));

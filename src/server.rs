@@ -30,6 +30,24 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration
 /// request head.
 const PLAIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Queue of connections the kernel holds for a listener until they are accepted.
+const BACKLOG: i32 = 1024;
+
+/// Binds a listener (synchronously, so a reload can bind before it changes
+/// anything): `SO_REUSEADDR`, non-blocking, a backlog of [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Accepts on `listener` until `stop` and spawns `serve` for each connection on
 /// `tracker`. With `permits`, one is taken before each accept, so at the limit new
 /// clients wait in the kernel's backlog. Accept errors back off and retry, and never
@@ -92,11 +110,13 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 /// Accepts proxy clients on `listener` until shutdown.
 pub async fn serve(listener: TcpListener, shared: Shared) {
-    let (permits, tracker, stop) = (
-        Some(shared.permits.clone()),
-        shared.tracker.clone(),
-        shared.shutdown.clone(),
-    );
+    serve_until(listener, shared.stopping.clone(), shared).await
+}
+
+/// Accepts proxy clients on `listener` until `stop` (this listener removed by a
+/// reload, or wsgate stopping).
+pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared: Shared) {
+    let (permits, tracker) = (Some(shared.permits.clone()), shared.tracker.clone());
     accept_loop(
         listener,
         permits,
@@ -126,8 +146,8 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay");
     }
-    let settings = shared.state.load().server.clone();
-    let shutdown = shared.shutdown.clone();
+    let settings = shared.state.load().config.server.clone();
+    let stopping = shared.stopping.clone();
     let service = service_fn(move |req| {
         let (shared, permit) = (shared.clone(), permit.clone());
         async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit).await) }
@@ -137,7 +157,7 @@ async fn serve_connection(
         service,
         settings.handshake_timeout,
         Some(settings.max_header_bytes),
-        &shutdown,
+        &stopping,
     )
     .await;
     if let Err(e) = served {

@@ -2,23 +2,27 @@
 //!
 //! A reload builds a new snapshot beside the current one, taking over the backends
 //! (and their counts) that are still configured, and swaps it in. Connections keep
-//! the `Arc` of the snapshot they started with; backends that left the config are
-//! marked draining, so they get no new connections while their tunnels finish.
+//! the `Arc` of the snapshot they started with. Backends and pools that left the
+//! config stay in the snapshot, draining, until their last tunnel ends; then
+//! [`State::prune`] builds the snapshot again without them.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::balancer::Pool;
-use crate::config::{Config, HostPattern, IdentitySource, ServerConfig};
+use crate::closing::Wave;
+use crate::config::{Config, HostPattern, IdentitySource};
 use crate::metrics::PoolMetrics;
 
-/// One consistent view of routes and pools.
+/// One consistent view of routes and pools, and the config they came from.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub server: ServerConfig,
+    pub config: Config,
     pub routes: Vec<Route>,
+    /// Every configured pool, and what is left of removed ones while they have
+    /// tunnels.
     pub pools: BTreeMap<String, Arc<Pool>>,
 }
 
@@ -56,15 +60,22 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
-        let pools: BTreeMap<String, Arc<Pool>> = config
+    pub fn build(config: &Config, previous: Option<&Snapshot>, root: &Arc<Wave>) -> Snapshot {
+        let mut pools: BTreeMap<String, Arc<Pool>> = config
             .pools
             .iter()
             .map(|(name, settings)| {
                 let old = previous.and_then(|p| p.pools.get(name)).map(Arc::as_ref);
-                (name.clone(), Arc::new(Pool::new(name, settings, old)))
+                (name.clone(), Arc::new(Pool::new(name, settings, old, root)))
             })
             .collect();
+        for (name, pool) in previous.map(|p| &p.pools).into_iter().flatten() {
+            if !config.pools.contains_key(name)
+                && let Some(remnant) = Pool::remnant(pool)
+            {
+                pools.insert(name.clone(), Arc::new(remnant));
+            }
+        }
         let metrics: BTreeMap<&str, Arc<PoolMetrics>> = pools
             .iter()
             .map(|(name, pool)| (name.as_str(), Arc::new(PoolMetrics::new(pool))))
@@ -83,7 +94,7 @@ impl Snapshot {
             })
             .collect();
         Snapshot {
-            server: config.server.clone(),
+            config: config.clone(),
             routes,
             pools,
         }
@@ -93,18 +104,49 @@ impl Snapshot {
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(host, path))
     }
+
+    /// Every (pool, backend) the config lists.
+    fn configured(&self) -> BTreeSet<(String, String)> {
+        self.config
+            .pools
+            .iter()
+            .flat_map(|(name, p)| {
+                p.backends
+                    .iter()
+                    .map(move |b| (name.clone(), b.addr.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// What a reload changed in pools and backends, for its log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PoolChanges {
+    pub pools_added: usize,
+    pub pools_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    /// Backends now draining that were not (removed ones with tunnels included).
+    pub draining: usize,
 }
 
 /// The current snapshot, swapped whole on reload.
 #[derive(Debug)]
 pub struct State {
     current: ArcSwap<Snapshot>,
+    /// The shutdown wave: every backend's drain wave is its child.
+    root: Arc<Wave>,
+    /// One build at a time (a reload and a prune must not lose each other's work).
+    building: Mutex<()>,
 }
 
 impl State {
     pub fn new(config: &Config) -> State {
+        let root = Wave::root();
         State {
-            current: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            current: ArcSwap::from_pointee(Snapshot::build(config, None, &root)),
+            root,
+            building: Mutex::new(()),
         }
     }
 
@@ -112,22 +154,55 @@ impl State {
         self.current.load_full()
     }
 
+    /// The shutdown wave.
+    pub fn root(&self) -> &Arc<Wave> {
+        &self.root
+    }
+
     /// Swaps in `config`. Backends no longer configured keep their tunnels and get
     /// no new ones.
-    pub fn reload(&self, config: &Config) {
+    pub fn reload(&self, config: &Config) -> PoolChanges {
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
-        let new = Snapshot::build(config, Some(&old));
-        for pool in old.pools.values() {
-            for backend in &pool.backends {
-                let kept = new
-                    .pools
-                    .get(&pool.name)
-                    .is_some_and(|p| p.backends.iter().any(|b| Arc::ptr_eq(b, backend)));
-                backend.set_draining(!kept);
-            }
-        }
+        let draining_before: BTreeSet<(String, String)> = draining(&old);
+        let new = Snapshot::build(config, Some(&old), &self.root);
+        let (before, after) = (old.configured(), new.configured());
+        let pools_before: BTreeSet<&String> = old.config.pools.keys().collect();
+        let pools_after: BTreeSet<&String> = config.pools.keys().collect();
+        let changes = PoolChanges {
+            pools_added: pools_after.difference(&pools_before).count(),
+            pools_removed: pools_before.difference(&pools_after).count(),
+            backends_added: after.difference(&before).count(),
+            backends_removed: before.difference(&after).count(),
+            draining: draining(&new).difference(&draining_before).count(),
+        };
         self.current.store(Arc::new(new));
+        changes
     }
+
+    /// Builds the snapshot again without the leaving backends and pools whose last
+    /// tunnel has ended. Cheap to call when there are none.
+    pub fn prune(&self) {
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if old.pools.values().any(|p| p.has_finished_leavers()) {
+            let new = Snapshot::build(&old.config, Some(&old), &self.root);
+            self.current.store(Arc::new(new));
+        }
+    }
+}
+
+fn draining(snapshot: &Snapshot) -> BTreeSet<(String, String)> {
+    snapshot
+        .pools
+        .values()
+        .flat_map(|p| {
+            p.backends
+                .iter()
+                .filter(|b| b.is_draining())
+                .map(|b| (p.name.clone(), b.addr.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -161,7 +236,7 @@ backends = {backends}
 
     #[test]
     fn routes_by_host_and_path_prefix() {
-        let s = Snapshot::build(&config(false), None);
+        let s = Snapshot::build(&config(false), None, &Wave::root());
         let pool = |h, p| s.route(h, p).map(|r| r.pool.name.as_str());
         assert_eq!(pool(Some("chat.example.com"), "/ws"), Some("a"));
         assert_eq!(pool(Some("CHAT.Example.com"), "/ws/room"), Some("a"));
@@ -175,14 +250,28 @@ backends = {backends}
         let state = State::new(&config(true));
         let before = state.load();
         let mut rng = fastrand::Rng::with_seed(1);
-        let (_, guard) = before.pools["a"].pick(&[1], &mut rng).expect("backend");
-        state.reload(&config(false));
+        // A tunnel on the backend the reload removes (127.0.0.1:2, index 1).
+        let (_, guard) = before.pools["a"].pick(&[0], &mut rng).expect("backend");
+        let changes = state.reload(&config(false));
+        assert_eq!(changes.backends_removed, 1);
+        assert_eq!(changes.draining, 1);
         let after = state.load();
-        assert_eq!(after.pools["a"].backends.len(), 1);
-        assert_eq!(after.pools["a"].backends[0].active(), 1);
-        assert!(before.pools["a"].backends[1].is_draining());
-        assert!(!after.pools["a"].backends[0].is_draining());
+        let kept = &after.pools["a"].backends[0];
+        // It stays, draining, with its count, until its tunnel ends.
+        assert_eq!(after.pools["a"].backends.len(), 2);
+        let leaving = &after.pools["a"].backends[1];
+        assert!(leaving.is_draining() && leaving.active() == 1);
+        // Re-added while draining: the same backend, count and all.
+        state.reload(&config(true));
+        let again = state.load();
+        assert_eq!(again.pools["a"].backends[1].active(), 1);
+        assert!(!again.pools["a"].backends[1].is_draining());
+        state.reload(&config(false));
+        assert!(!kept.is_draining());
         drop(guard);
-        assert_eq!(after.pools["a"].backends[0].active(), 0);
+        state.prune();
+        let pruned = state.load();
+        assert_eq!(pruned.pools["a"].backends.len(), 1);
+        assert!(pruned.pools["a"].backends.iter().all(|b| b.active() == 0));
     }
 }

@@ -117,14 +117,12 @@ pub async fn open(
         tried.push(index);
         let backend = guard.backend().clone();
         let connected = timeout(settings.connect_timeout, connect(&backend.addr)).await;
-        if let Some(health) = &settings.health
-            && !matches!(connected, Ok(Ok(_)))
-        {
-            backend.record_failure(&pool.name, health);
+        if !matches!(connected, Ok(Ok(_))) {
+            backend.record_attempt(&pool.name, false, settings);
         }
         match connected {
             Ok(Ok(stream)) => {
-                return timeout(
+                let answer = timeout(
                     settings.handshake_timeout,
                     handshake(stream, request, index, guard),
                 )
@@ -134,6 +132,8 @@ pub async fn open(
                         addr: backend.addr.clone(),
                     })
                 });
+                backend.record_attempt(&pool.name, answer.is_ok(), settings);
+                return answer;
             }
             Ok(Err(source)) => {
                 tracing::warn!(backend = %backend.addr, error = %source, "backend refused, trying the next");

@@ -224,7 +224,7 @@ async fn a_reload_that_removes_health_checks_readmits_the_backend() {
 
     let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{base}");
     let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
-    proxy.gateway.reload(&config);
+    proxy.gateway.reload(&config).expect("reload");
     wait_ready(&proxy, 200).await;
     assert!(healthy(&proxy).await);
 }

@@ -104,6 +104,6 @@ fn the_documented_cluster_table_is_valid_when_uncommented() {
         Some("redis://127.0.0.1:6379")
     );
     assert_eq!(config.cluster.name, "wsgate");
-    assert_eq!(config.cluster.instance_id, "edge-1");
+    assert_eq!(config.cluster.instance_id.as_deref(), Some("edge-1"));
     assert_eq!(config.cluster.heartbeat, std::time::Duration::from_secs(1));
 }

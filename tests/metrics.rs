@@ -132,7 +132,7 @@ async fn every_series_has_its_exact_value_after_a_scripted_session() {
         "reload.toml",
     )
     .expect("config");
-    proxy.gateway.reload(&good);
+    proxy.gateway.reload(&good).expect("reload");
     assert!(
         proxy
             .gateway
@@ -231,7 +231,12 @@ async fn every_series_has_its_exact_value_after_a_scripted_session() {
     assert_eq!(
         value(
             closes,
-            &[("pool", "p"), ("code", "1000"), ("initiator", "client")]
+            &[
+                ("pool", "p"),
+                ("code", "1000"),
+                ("initiator", "client"),
+                ("reason", "closed")
+            ]
         ),
         Some(1.0)
     );
@@ -241,7 +246,8 @@ async fn every_series_has_its_exact_value_after_a_scripted_session() {
             &[
                 ("pool", "p"),
                 ("code", "4000-4999"),
-                ("initiator", "client")
+                ("initiator", "client"),
+                ("reason", "closed")
             ]
         ),
         Some(1.0)

@@ -166,7 +166,15 @@ async fn an_idle_tunnel_is_closed_with_1001() {
 
 #[tokio::test]
 async fn shutdown_closes_every_tunnel_with_1001_and_returns() {
-    let (_backends, proxy) = setup("").await;
+    let backends = [EchoBackend::start().await, EchoBackend::start().await];
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    // Keys before the first table go to [server]: no spread, all close at once.
+    let proxy = Proxy::start(&format!(
+        "shutdown_spread = \"0s\"\n{}{}",
+        route("/ws", "p"),
+        pool("p", &list, "")
+    ))
+    .await;
     let mut clients = open(&proxy, 6).await;
     let stopping = tokio::spawn(proxy.stop());
     for ws in clients.iter_mut() {

@@ -10,6 +10,10 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// hyper will not read request heads into a buffer smaller than this.
 pub const MIN_HEADER_BYTES: u64 = 8192;
 pub const MAX_HEADER_BYTES_LIMIT: u64 = 1024 * 1024;
+pub const WATCH_CONFIG: bool = true;
+pub const SHUTDOWN_DELAY: Duration = Duration::ZERO;
+pub const SHUTDOWN_SPREAD: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 // [pool.NAME]
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -21,6 +25,12 @@ pub const RETRIES: usize = 2;
 pub const MAX_RETRIES: u64 = 16;
 pub const WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u64 = 1000;
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DRAIN_SPREAD: Duration = Duration::from_secs(30);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_FAILS: u32 = 3;
+pub const MAX_MAX_FAILS: u64 = 1000;
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 // [pool.NAME.health]
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -28,6 +38,12 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const UNHEALTHY_AFTER: u32 = 2;
 pub const HEALTHY_AFTER: u32 = 2;
 pub const MAX_STREAK: u64 = 100;
+
+/// Any duration a key may take at the most (a year): keeps arithmetic on
+/// instants far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The shortest duration of keys that must be positive.
+pub const POSITIVE: Duration = Duration::from_millis(1);
 
 // [cluster]
 pub const HEARTBEAT: Duration = Duration::from_secs(1);

@@ -68,12 +68,23 @@ impl Default for AdminConfig {
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
-    /// `GET path` must answer 2xx; without it, a TCP connect is the check.
-    pub path: Option<String>,
+    pub kind: CheckKind,
     /// Consecutive failures (checks or connects) that eject a backend.
     pub unhealthy_after: u32,
     /// Consecutive successful checks that bring it back.
     pub healthy_after: u32,
+}
+
+/// What one active check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// `kind = "tcp"` (the default without `path`): a TCP connect.
+    Tcp,
+    /// `kind = "http"` (the default with `path`): `GET path` answers 2xx.
+    Http { path: String },
+    /// `kind = "websocket"`: a full upgrade to `path`, the 101 and its
+    /// `Sec-WebSocket-Accept` verified, then a close 1000.
+    WebSocket { path: String },
 }
 
 /// How this instance shares its state: through Redis with `redis` set, else in
@@ -87,8 +98,9 @@ pub struct ClusterConfig {
     /// How often this instance refreshes its keys and reads the others'. Its keys
     /// live for three heartbeats, so a dead instance's share vanishes by then.
     pub heartbeat: Duration,
-    /// This instance's name in Redis and in presence records.
-    pub instance_id: String,
+    /// This instance's name in Redis and in presence records; `None`: one is
+    /// made at start ([`ClusterConfig::generated_instance_id`]).
+    pub instance_id: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -97,22 +109,24 @@ impl Default for ClusterConfig {
             redis: None,
             name: defaults::CLUSTER_NAME.to_string(),
             heartbeat: defaults::HEARTBEAT,
-            instance_id: generated_instance_id(),
+            instance_id: None,
         }
     }
 }
 
-/// `HOSTNAME-xxxxxx`: readable in redis-cli, unique across restarts.
-fn generated_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| validate::valid_name(h))
-        .unwrap_or_else(|| "wsgate".to_string());
-    format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
+impl ClusterConfig {
+    /// `HOSTNAME-xxxxxx`: readable in redis-cli, unique across restarts.
+    pub fn generated_instance_id() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| validate::valid_name(h))
+            .unwrap_or_else(|| "wsgate".to_string());
+        format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
+    }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// Connections (handshaking or proxied) held at once; the accept loop waits for a
@@ -122,9 +136,18 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest request head (request line + headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
+    /// Reload when the config file changes on disk (as well as on SIGHUP).
+    pub watch_config: bool,
+    /// After SIGTERM, how long the listeners keep accepting (while `/readyz`
+    /// already answers 503), so a load balancer in front stops sending first.
+    pub shutdown_delay: Duration,
+    /// Then open tunnels are closed (1001), spread evenly over this window.
+    pub shutdown_spread: Duration,
+    /// From the signal, the longest wait for the last tunnel before exiting.
+    pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     pub host: HostPattern,
     /// Path prefix, matched on segment boundaries: `/ws` matches `/ws` and `/ws/a`,
@@ -175,7 +198,7 @@ pub enum HostPattern {
     Suffix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     /// TCP connect to one backend.
@@ -189,6 +212,17 @@ pub struct PoolConfig {
     pub max_message_size: u64,
     /// After the chosen backend refuses or times out, how many others to try.
     pub retries: usize,
+    /// How long a draining backend's tunnels keep running before they are closed.
+    pub drain_timeout: Duration,
+    /// Those closes (1012) are spread evenly over this window.
+    pub drain_spread: Duration,
+    /// Once one side has sent a close frame, how long the other has to answer and
+    /// close before both sockets are closed.
+    pub close_timeout: Duration,
+    /// Without active checks: consecutive failed connects or handshakes that eject
+    /// a backend for `fail_timeout`.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
     /// Active checks; without them every backend counts as healthy.
     pub health: Option<HealthConfig>,
 }
@@ -203,6 +237,11 @@ impl PoolConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             retries: defaults::RETRIES,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+            drain_spread: defaults::DRAIN_SPREAD,
+            close_timeout: defaults::CLOSE_TIMEOUT,
+            max_fails: defaults::MAX_FAILS,
+            fail_timeout: defaults::FAIL_TIMEOUT,
             health: None,
         }
     }
@@ -212,6 +251,9 @@ impl PoolConfig {
 pub struct BackendConfig {
     pub addr: BackendAddr,
     pub weight: NonZeroU32,
+    /// `drain = true`: no new connections; its tunnels are closed after the pool's
+    /// `drain_timeout`.
+    pub drain: bool,
 }
 
 /// Where a backend listens: an IP literal is parsed once here, a name is resolved

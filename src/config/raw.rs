@@ -28,6 +28,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawHealth {
     pub(super) interval: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
+    pub(super) kind: Option<Spanned<String>>,
     pub(super) path: Option<Spanned<String>>,
     pub(super) unhealthy_after: Option<Spanned<i64>>,
     pub(super) healthy_after: Option<Spanned<i64>>,
@@ -46,6 +47,10 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) handshake_timeout: Option<Spanned<String>>,
     pub(super) max_header_bytes: Option<Spanned<RawSize>>,
+    pub(super) watch_config: Option<bool>,
+    pub(super) shutdown_delay: Option<Spanned<String>>,
+    pub(super) shutdown_spread: Option<Spanned<String>>,
+    pub(super) shutdown_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +70,11 @@ pub(super) struct RawPool {
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) max_message_size: Option<Spanned<RawSize>>,
     pub(super) retries: Option<Spanned<i64>>,
+    pub(super) drain_timeout: Option<Spanned<String>>,
+    pub(super) drain_spread: Option<Spanned<String>>,
+    pub(super) close_timeout: Option<Spanned<String>>,
+    pub(super) max_fails: Option<Spanned<i64>>,
+    pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) health: Option<RawHealth>,
 }
 
@@ -72,6 +82,7 @@ pub(super) struct RawPool {
 pub(super) struct RawBackend {
     pub(super) addr: Spanned<String>,
     pub(super) weight: Option<Spanned<i64>>,
+    pub(super) drain: Option<bool>,
 }
 
 /// A size: a byte count, or a string with a unit (`"64KiB"`, `"16MiB"`).

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::defaults::{MAX_DURATION, POSITIVE};
 use super::diagnostics::{Report, Segment};
 use super::raw::*;
 use super::*;
@@ -100,18 +101,56 @@ impl Report<'_> {
                 None
             }
         });
+        let kind = match (raw.kind, path) {
+            (None, None) => CheckKind::Tcp,
+            (None, Some(path)) => CheckKind::Http { path },
+            (Some(kind), path) => match (kind.get_ref().as_str(), path) {
+                ("tcp", None) => CheckKind::Tcp,
+                ("http", Some(path)) => CheckKind::Http { path },
+                ("websocket", Some(path)) => CheckKind::WebSocket { path },
+                ("tcp", Some(_)) => {
+                    self.push(
+                        kind.span(),
+                        format!("{key}.kind"),
+                        "a tcp check has no path".into(),
+                        "remove `path`, or use kind = \"http\" or \"websocket\"",
+                    );
+                    CheckKind::Tcp
+                }
+                (k @ ("http" | "websocket"), None) => {
+                    self.push(
+                        kind.span(),
+                        format!("{key}.kind"),
+                        format!("a {k} check needs a path"),
+                        "add path = \"/health\" (the path the check requests)",
+                    );
+                    CheckKind::Tcp
+                }
+                (other, _) => {
+                    self.push(
+                        kind.span(),
+                        format!("{key}.kind"),
+                        format!("`{other}` is not a check kind"),
+                        "write \"tcp\", \"http\" or \"websocket\"",
+                    );
+                    CheckKind::Tcp
+                }
+            },
+        };
         HealthConfig {
+            kind,
             interval: self.duration(
                 raw.interval.as_ref(),
                 &format!("{key}.interval"),
+                POSITIVE..=MAX_DURATION,
                 defaults::HEALTH_INTERVAL,
             ),
             timeout: self.duration(
                 raw.timeout.as_ref(),
                 &format!("{key}.timeout"),
+                POSITIVE..=MAX_DURATION,
                 defaults::HEALTH_TIMEOUT,
             ),
-            path,
             unhealthy_after: self.integer(
                 raw.unhealthy_after.as_ref(),
                 &format!("{key}.unhealthy_after"),
@@ -130,6 +169,7 @@ impl Report<'_> {
     fn cluster(&mut self, raw: Option<RawCluster>) -> ClusterConfig {
         let mut cluster = ClusterConfig::default();
         let Some(raw) = raw else { return cluster };
+        let mut instance_id = String::new();
         if let Some(url) = raw.redis {
             let scheme_ok =
                 url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://");
@@ -145,11 +185,7 @@ impl Report<'_> {
         }
         for (value, key, target) in [
             (raw.name, "cluster.name", &mut cluster.name),
-            (
-                raw.instance_id,
-                "cluster.instance_id",
-                &mut cluster.instance_id,
-            ),
+            (raw.instance_id, "cluster.instance_id", &mut instance_id),
         ] {
             let Some(value) = value else { continue };
             if valid_name(value.get_ref()) && value.get_ref().len() <= 64 {
@@ -163,9 +199,11 @@ impl Report<'_> {
                 );
             }
         }
+        cluster.instance_id = (!instance_id.is_empty()).then_some(instance_id);
         cluster.heartbeat = self.duration(
             raw.heartbeat.as_ref(),
             "cluster.heartbeat",
+            POSITIVE..=MAX_DURATION,
             defaults::HEARTBEAT,
         );
         if cluster.heartbeat < defaults::MIN_HEARTBEAT {
@@ -219,6 +257,7 @@ impl Report<'_> {
         let handshake_timeout = self.duration(
             raw.handshake_timeout.as_ref(),
             "server.handshake_timeout",
+            POSITIVE..=MAX_DURATION,
             defaults::CLIENT_HANDSHAKE_TIMEOUT,
         );
         let max_header_bytes = self.size(
@@ -232,6 +271,25 @@ impl Report<'_> {
             max_connections,
             handshake_timeout,
             max_header_bytes,
+            watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
+            shutdown_delay: self.duration(
+                raw.shutdown_delay.as_ref(),
+                "server.shutdown_delay",
+                Duration::ZERO..=MAX_DURATION,
+                defaults::SHUTDOWN_DELAY,
+            ),
+            shutdown_spread: self.duration(
+                raw.shutdown_spread.as_ref(),
+                "server.shutdown_spread",
+                Duration::ZERO..=MAX_DURATION,
+                defaults::SHUTDOWN_SPREAD,
+            ),
+            shutdown_timeout: self.duration(
+                raw.shutdown_timeout.as_ref(),
+                "server.shutdown_timeout",
+                POSITIVE..=MAX_DURATION,
+                defaults::SHUTDOWN_TIMEOUT,
+            ),
         }
     }
 
@@ -254,7 +312,11 @@ impl Report<'_> {
                     format!("backend {addr} is listed twice in this pool"),
                     "remove the duplicate, or raise the first one's weight",
                 ),
-                Some(addr) => backends.push(BackendConfig { addr, weight }),
+                Some(addr) => backends.push(BackendConfig {
+                    addr,
+                    weight,
+                    drain: backend.drain.unwrap_or(false),
+                }),
                 None => self.push(
                     backend.addr.span(),
                     format!("{bkey}.addr"),
@@ -268,16 +330,19 @@ impl Report<'_> {
             connect_timeout: self.duration(
                 raw.connect_timeout.as_ref(),
                 &format!("{key}.connect_timeout"),
+                POSITIVE..=MAX_DURATION,
                 defaults::CONNECT_TIMEOUT,
             ),
             handshake_timeout: self.duration(
                 raw.handshake_timeout.as_ref(),
                 &format!("{key}.handshake_timeout"),
+                POSITIVE..=MAX_DURATION,
                 defaults::BACKEND_HANDSHAKE_TIMEOUT,
             ),
             idle_timeout: self.duration(
                 raw.idle_timeout.as_ref(),
                 &format!("{key}.idle_timeout"),
+                POSITIVE..=MAX_DURATION,
                 defaults::IDLE_TIMEOUT,
             ),
             max_message_size: self.size(
@@ -292,6 +357,36 @@ impl Report<'_> {
                 0..=defaults::MAX_RETRIES,
                 defaults::RETRIES as u64,
             ) as usize,
+            drain_timeout: self.duration(
+                raw.drain_timeout.as_ref(),
+                &format!("{key}.drain_timeout"),
+                Duration::ZERO..=MAX_DURATION,
+                defaults::DRAIN_TIMEOUT,
+            ),
+            drain_spread: self.duration(
+                raw.drain_spread.as_ref(),
+                &format!("{key}.drain_spread"),
+                Duration::ZERO..=MAX_DURATION,
+                defaults::DRAIN_SPREAD,
+            ),
+            close_timeout: self.duration(
+                raw.close_timeout.as_ref(),
+                &format!("{key}.close_timeout"),
+                POSITIVE..=MAX_DURATION,
+                defaults::CLOSE_TIMEOUT,
+            ),
+            max_fails: self.integer(
+                raw.max_fails.as_ref(),
+                &format!("{key}.max_fails"),
+                1..=defaults::MAX_MAX_FAILS,
+                defaults::MAX_FAILS.into(),
+            ) as u32,
+            fail_timeout: self.duration(
+                raw.fail_timeout.as_ref(),
+                &format!("{key}.fail_timeout"),
+                POSITIVE..=MAX_DURATION,
+                defaults::FAIL_TIMEOUT,
+            ),
             health: raw.health.map(|h| self.health(&format!("{key}.health"), h)),
         }
     }
@@ -401,16 +496,22 @@ impl Report<'_> {
         &mut self,
         value: Option<&Spanned<String>>,
         key: &str,
+        range: RangeInclusive<Duration>,
         default: Duration,
     ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
+            Ok(d) if range.contains(&d) => d,
             _ => {
+                let what = if range.start().is_zero() {
+                    "a duration up to a year"
+                } else {
+                    "a positive duration up to a year"
+                };
                 self.push(
                     value.span(),
                     key,
-                    format!("`{}` is not a positive duration", value.get_ref()),
+                    format!("`{}` is not {what}", value.get_ref()),
                     "write a number with a unit, like \"500ms\", \"10s\" or \"5m\"",
                 );
                 default

@@ -360,9 +360,20 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
 
 /// A GET with optional extra headers; returns (status, body). Bounded by 5 s.
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    http_request(addr, "GET", path, headers).await
+}
+
+/// One HTTP/1.1 request without a body; the status and the body of the answer.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n{headers}\r\n"
+    );
     tcp.write_all(request.as_bytes()).await.expect("write");
     let mut raw = Vec::new();
     timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
@@ -599,9 +610,13 @@ impl Drop for RedisServer {
     }
 }
 
-/// The `wsgate` binary as a child process, for tests that must kill it.
+/// The `wsgate` binary as a child process, for tests that must signal or kill it.
 pub struct ProxyProcess {
     pub addr: SocketAddr,
+    /// The config file it was started with (rewrite it to test the file watch).
+    pub path: std::path::PathBuf,
+    /// Every line it logged so far.
+    pub log: Arc<Mutex<Vec<String>>>,
     child: tokio::process::Child,
     dir: std::path::PathBuf,
 }
@@ -615,6 +630,17 @@ impl ProxyProcess {
 
     /// As `start`, with the open-files limit of the process set to `fd_limit`.
     pub async fn start_limited(config: &str, fd_limit: Option<u32>) -> ProxyProcess {
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
+        ProxyProcess::spawn(&text, fd_limit).await
+    }
+
+    /// Runs `wsgate run` on exactly this file text; `addr` is the first address it
+    /// logs as listening.
+    pub async fn start_file(text: &str) -> ProxyProcess {
+        ProxyProcess::spawn(text, None).await
+    }
+
+    async fn spawn(text: &str, fd_limit: Option<u32>) -> ProxyProcess {
         use tokio::io::AsyncBufReadExt;
         let dir = std::env::temp_dir().join(format!(
             "wsgate-proc-{}-{}",
@@ -623,11 +649,7 @@ impl ProxyProcess {
         ));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("proxy.toml");
-        std::fs::write(
-            &path,
-            format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}"),
-        )
-        .expect("config");
+        std::fs::write(&path, text).expect("config");
         let limit = fd_limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let mut child = tokio::process::Command::new("bash")
             .arg("-c")
@@ -636,12 +658,14 @@ impl ProxyProcess {
             .arg(&path)
             .arg(limit)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start wsgate");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
         let addr = timeout(Duration::from_secs(10), async {
             loop {
                 let line = lines
@@ -649,6 +673,7 @@ impl ProxyProcess {
                     .await
                     .expect("read log")
                     .expect("wsgate exited early");
+                log.lock().unwrap().push(line.clone());
                 if line.contains("proxy listening")
                     && let Some(rest) = line.split("addr=").nth(1)
                 {
@@ -659,9 +684,20 @@ impl ProxyProcess {
         })
         .await
         .expect("wsgate listens within 10 s");
-        // Keep draining the log so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ProxyProcess { addr, child, dir }
+        // Keep reading the log so the child never blocks on a full pipe.
+        let keep = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        ProxyProcess {
+            addr,
+            path,
+            log,
+            child,
+            dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -672,6 +708,40 @@ impl ProxyProcess {
     pub async fn kill9(&mut self) {
         self.child.kill().await.expect("kill wsgate");
     }
+
+    /// Sends a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
+    /// Log lines that contain `pattern`.
+    pub fn logged(&self, pattern: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(pattern))
+            .count()
+    }
+
+    /// Waits until `n` log lines contain `pattern`.
+    pub async fn wait_logged(&self, pattern: &str, n: usize, limit: Duration) {
+        let what = format!("{n} log lines with `{pattern}`");
+        wait_for(&what, limit, || self.logged(pattern) >= n).await;
+    }
+
+    /// Waits for the process to exit; `None` if it is still running at `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .map(|r| r.expect("wait"))
+    }
 }
 
 impl Drop for ProxyProcess {
@@ -679,6 +749,11 @@ impl Drop for ProxyProcess {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A loopback address with a port free a moment ago (to name in a config).
+pub async fn free_addr() -> SocketAddr {
+    dead_addr().await
 }
 
 /// `[cluster]` for a test instance.
