@@ -273,6 +273,14 @@ impl Gateway {
         self
     }
 
+    /// Whether [`Gateway::run`] has started serving (and not yet returned).
+    pub fn is_serving(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     pub fn state(&self) -> &Arc<State> {
         &self.state
     }

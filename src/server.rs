@@ -239,3 +239,16 @@ pub async fn serve_http<F, Fut>(
     tracker.close();
     tracker.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_in_use_cannot_be_bound() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let second = bind(addr);
+        assert!(second.is_err(), "{:?}", second.map(|l| l.local_addr()));
+    }
+}

@@ -196,6 +196,25 @@ async fn reload_everything(watch: bool) {
         .sum();
     assert_eq!(held, 200);
 
+    if !watch {
+        // An invalid file changes nothing and says where each error is.
+        std::fs::write(
+            &proxy.path,
+            format!("{after}\n[pool.room.health]\ninterval = \"soon\"\n"),
+        )
+        .expect("write");
+        proxy.signal("HUP");
+        proxy
+            .wait_logged("reload refused", 1, Duration::from_secs(10))
+            .await;
+        let config_file = proxy.path.display().to_string();
+        assert!(
+            proxy.logged(&format!("{config_file}:")) >= 1,
+            "file:line:col of the error"
+        );
+        assert_eq!(http_get(a2, "/healthz", "").await.0, 200);
+    }
+
     // Traffic goes on through every tunnel: nothing was dropped, nothing lost
     // (each talker checks every echo, in order).
     let at_reload: Vec<u64> = talkers
@@ -684,4 +703,27 @@ async fn the_websocket_check_verifies_the_upgrade() {
         ws.send(Message::text("x")).await.expect("send");
         assert_eq!(next(&mut ws).await, Message::text("x"));
     }
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_bind_changes_nothing() {
+    let b = [EchoBackend::start().await, EchoBackend::start().await];
+    let proxy = Proxy::start(&two_backends(&b, &[0])).await;
+    let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\", \"{}\"]\n{}",
+        taken.local_addr().expect("addr"),
+        two_backends(&b, &[0, 1])
+    );
+    let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
+    let refused = proxy.gateway.reload(&config);
+    assert!(
+        matches!(refused, Err(wsgate::ReloadError::Bind { .. })),
+        "{refused:?}"
+    );
+    // The pool still has its one backend.
+    assert_eq!(proxy.counts("p"), vec![0]);
+    let mut ws = connect(&proxy.url("/ws")).await;
+    ws.send(Message::text("x")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("x"));
 }

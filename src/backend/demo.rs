@@ -90,7 +90,7 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
         .map(|(_, a)| format!("{{ addr = \"{a}\" }}"))
         .collect();
     let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nshutdown_spread = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:{}\"\n\
          [[route]]\npath = \"/rooms\"\npool = \"demo\"\nidentity = \"query:user\"\n\
          [pool.demo]\nbackends = [{}]\n",

@@ -73,6 +73,10 @@ impl Proxy {
             let shutdown = shutdown.clone();
             async move { gateway.run(listeners, shutdown).await }
         });
+        wait_for("the gateway to serve", Duration::from_secs(5), || {
+            gateway.is_serving()
+        })
+        .await;
         Proxy {
             addr,
             admin,
