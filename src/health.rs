@@ -129,19 +129,23 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
 mod tests {
     use super::*;
     use crate::balancer::Backend;
-    use crate::config::BackendConfig;
-    use std::num::NonZeroU32;
 
-    #[test]
-    fn passive_successes_do_not_readmit() {
-        let backend = Backend::new(
+    fn backend() -> Backend {
+        Backend::new(
             &BackendConfig {
                 addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
                 weight: NonZeroU32::MIN,
                 drain: false,
             },
             &crate::closing::Wave::root(),
-        );
+        )
+    }
+    use crate::config::BackendConfig;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn passive_successes_do_not_readmit() {
+        let backend = backend();
         let config = HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
@@ -166,14 +170,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_checks_failures_eject_for_fail_timeout() {
-        let backend = Backend::new(
-            &BackendConfig {
-                addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
-                weight: NonZeroU32::MIN,
-                drain: false,
-            },
-            &crate::closing::Wave::root(),
-        );
+        let backend = backend();
         let mut pool = crate::config::PoolConfig::with_backends(Vec::new());
         pool.max_fails = 3;
         pool.fail_timeout = Duration::from_secs(10);
@@ -197,14 +194,7 @@ mod tests {
 
     #[test]
     fn flips_only_after_the_streak() {
-        let backend = Backend::new(
-            &BackendConfig {
-                addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
-                weight: NonZeroU32::MIN,
-                drain: false,
-            },
-            &crate::closing::Wave::root(),
-        );
+        let backend = backend();
         let config = HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),

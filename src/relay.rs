@@ -665,8 +665,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
                     None
                 }
                 Event::Timer => self.on_timer(timer.as_mut()),
-                Event::ClientRead(step) => self.on_client_read(step),
-                Event::BackendRead(step) => self.on_backend_read(step),
+                Event::ClientRead(step) => self.on_read(Side::Client, step),
+                Event::BackendRead(step) => self.on_read(Side::Backend, step),
                 Event::BackendFlushed(flushed) => flushed.is_err().then_some(End::BackendGone),
                 Event::ClientFlushed(flushed) => flushed.is_err().then_some(End::ClientGone),
             };
@@ -753,44 +753,37 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         None
     }
 
-    fn on_client_read(&mut self, step: Step) -> Option<End> {
+    /// What a read from `from` (and the write to the other side) did.
+    fn on_read(&mut self, from: Side, step: Step) -> Option<End> {
         self.last_activity = Instant::now();
+        let (gone_from, gone_to) = match from {
+            Side::Client => (End::ClientGone, End::BackendGone),
+            Side::Backend => (End::BackendGone, End::ClientGone),
+        };
         match step {
             Step::Moved => None,
             Step::Eof => {
-                self.up.eof = true;
-                if self.up.walker.close_code().is_none() {
-                    return Some(End::ClientGone);
+                let (flow, other) = match from {
+                    Side::Client => (&mut self.up, &self.down),
+                    Side::Backend => (&mut self.down, &self.up),
+                };
+                flow.eof = true;
+                if flow.walker.close_code().is_none() {
+                    return Some(gone_from);
                 }
-                // With both sides done, closing the streams sends the FIN.
-                if !self.down.eof {
-                    shutdown_write(&mut self.backend);
-                }
-                None
-            }
-            Step::TooBig => Some(End::TooBig(Side::Client)),
-            Step::ReadFailed(e) => Some(gone(End::ClientGone, &e)),
-            Step::WriteFailed(e) => Some(gone(End::BackendGone, &e)),
-        }
-    }
-
-    fn on_backend_read(&mut self, step: Step) -> Option<End> {
-        self.last_activity = Instant::now();
-        match step {
-            Step::Moved => None,
-            Step::Eof => {
-                self.down.eof = true;
-                if self.down.walker.close_code().is_none() {
-                    return Some(End::BackendGone);
-                }
-                if !self.up.eof {
-                    shutdown_write(&mut self.client);
+                // The sender said all it will say: pass its FIN on (with both
+                // sides done, closing the streams sends the FIN instead).
+                if !other.eof {
+                    match from {
+                        Side::Client => shutdown_write(&mut self.backend),
+                        Side::Backend => shutdown_write(&mut self.client),
+                    }
                 }
                 None
             }
-            Step::TooBig => Some(End::TooBig(Side::Backend)),
-            Step::ReadFailed(e) => Some(gone(End::BackendGone, &e)),
-            Step::WriteFailed(e) => Some(gone(End::ClientGone, &e)),
+            Step::TooBig => Some(End::TooBig(from)),
+            Step::ReadFailed(e) => Some(gone(gone_from, &e)),
+            Step::WriteFailed(e) => Some(gone(gone_to, &e)),
         }
     }
 
