@@ -21,6 +21,7 @@ pub const CONNECTION_DURATION: &str = "wsgate_connection_duration_seconds";
 pub const MESSAGES: &str = "wsgate_messages_total";
 pub const BYTES: &str = "wsgate_bytes_total";
 pub const CLOSES: &str = "wsgate_closes_total";
+pub const BACKEND_FAILURES: &str = "wsgate_backend_failures_total";
 pub const BACKEND_UP: &str = "wsgate_backend_up";
 pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
@@ -90,6 +91,10 @@ fn describe() {
     describe_counter!(
         CLOSES,
         "Ended tunnels by first close code, who started the close, and why it ended."
+    );
+    describe_counter!(
+        BACKEND_FAILURES,
+        "Attempts on a backend that failed before it answered (each then tried on the next backend, within retries)."
     );
     describe_gauge!(
         BACKEND_UP,

@@ -14,6 +14,7 @@ use tokio::time::timeout;
 use crate::balancer::{ConnGuard, Pool};
 use crate::config::BackendAddr;
 use crate::handshake;
+use crate::metrics as m;
 
 /// Largest non-101 response body passed back to a client.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -85,6 +86,15 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the backend failed before a complete response head reached wsgate,
+    /// so that another backend may be asked instead.
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::NoBackend | UpstreamError::Takeover { .. }
+        )
+    }
+
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -99,58 +109,96 @@ impl UpstreamError {
     }
 }
 
-/// Sends `request` to the least loaded backend of `pool`, moving on to the next one
-/// (at most `retries` times) while connecting fails; nothing has reached the client
-/// yet, so those failures stay invisible to it.
+/// Sends `request` to the least loaded backend of `pool`. Any failure before a
+/// backend has sent a complete response head (refused, timed out, closed, reset,
+/// garbage, silence) is that backend's failure: it is counted, and the next
+/// candidate is tried, at most `retries` times. Nothing has reached the client yet,
+/// so those failures stay invisible to it. A complete non-101 answer goes back as
+/// it was.
 pub async fn open(
     pool: &Pool,
     request: Request<Empty<Bytes>>,
     rng: &mut fastrand::Rng,
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
+    let attempts = settings.retries + 1;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = UpstreamError::NoBackend;
-    for _ in 0..=settings.retries {
+    let mut request = Some(request);
+    for attempt in 1..=attempts {
         let Some((index, guard)) = pool.pick(&tried, rng) else {
             break;
         };
         tried.push(index);
         let backend = guard.backend().clone();
-        let connected = timeout(settings.connect_timeout, connect(&backend.addr)).await;
-        if !matches!(connected, Ok(Ok(_))) {
-            backend.record_attempt(&pool.name, false, settings);
-        }
-        match connected {
-            Ok(Ok(stream)) => {
-                let answer = timeout(
-                    settings.handshake_timeout,
-                    handshake(stream, request, index, guard),
+        // While another attempt may follow, send a copy and keep the original.
+        let this = match (attempt < attempts, request.as_ref()) {
+            (true, Some(original)) => copy(original),
+            _ => match request.take() {
+                Some(last) => last,
+                None => break,
+            },
+        };
+        match attempt_one(settings, this, index, guard).await {
+            Ok(answer) => {
+                backend.record_attempt(&pool.name, true, settings);
+                return Ok(answer);
+            }
+            Err(e) => {
+                backend.record_attempt(&pool.name, false, settings);
+                metrics::counter!(
+                    m::BACKEND_FAILURES,
+                    "pool" => pool.name.clone(),
+                    "backend" => backend.addr.to_string(),
+                    "reason" => e.label(),
                 )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(UpstreamError::HandshakeTimeout {
-                        addr: backend.addr.clone(),
-                    })
-                });
-                backend.record_attempt(&pool.name, answer.is_ok(), settings);
-                return answer;
-            }
-            Ok(Err(source)) => {
-                tracing::warn!(backend = %backend.addr, error = %source, "backend refused, trying the next");
-                last_error = UpstreamError::Connect {
-                    addr: backend.addr.clone(),
-                    source,
-                };
-            }
-            Err(_) => {
-                tracing::warn!(backend = %backend.addr, "backend connect timed out, trying the next");
-                last_error = UpstreamError::ConnectTimeout {
-                    addr: backend.addr.clone(),
-                };
+                .increment(1);
+                if !e.retryable() {
+                    return Err(e);
+                }
+                tracing::warn!(backend = %backend.addr, error = %crate::Chain(&e), "backend failed before answering, trying the next");
+                last_error = e;
             }
         }
     }
     Err(last_error)
+}
+
+/// One backend: connect, send the upgrade, read the answer, each within its time.
+async fn attempt_one(
+    settings: &crate::config::PoolConfig,
+    request: Request<Empty<Bytes>>,
+    index: usize,
+    guard: ConnGuard,
+) -> Result<Answer, UpstreamError> {
+    let addr = || guard.backend().addr.clone();
+    let stream = match timeout(settings.connect_timeout, connect(&guard.backend().addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(UpstreamError::Connect {
+                addr: addr(),
+                source,
+            });
+        }
+        Err(_) => return Err(UpstreamError::ConnectTimeout { addr: addr() }),
+    };
+    let addr = addr();
+    timeout(
+        settings.handshake_timeout,
+        handshake(stream, request, index, guard),
+    )
+    .await
+    .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }))
+}
+
+/// The same request again, for another backend.
+fn copy(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut again = Request::new(Empty::new());
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    again
 }
 
 /// Opens a TCP connection to a backend (for upgrades and health checks alike).
