@@ -17,6 +17,7 @@ fn pool(n: usize) -> Pool {
                 .expect("addr"),
             weight: NonZeroU32::new(1 + (i % 3) as u32).expect("weight"),
             drain: false,
+            max_connections: None,
         })
         .collect();
     let settings = PoolConfig::with_backends(backends);

@@ -42,6 +42,8 @@ pub struct Backend {
     fails: AtomicU32,
     /// Without active checks: ejected until this time (ms on [`clock_ms`]); 0 = not.
     ejected_until: AtomicU64,
+    /// Connections it may hold across the cluster (`max_connections`); 0 = any.
+    max_connections: AtomicU64,
 }
 
 /// Why a backend drains, and the wave its tunnels watch.
@@ -92,6 +94,7 @@ impl Backend {
             streak: AtomicI32::new(0),
             fails: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            max_connections: AtomicU64::new(config.max_connections.unwrap_or(0)),
         };
         backend.set_drain(|d| d.configured = config.drain);
         backend
@@ -261,8 +264,15 @@ impl Backend {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Not draining and not full.
     fn available(&self) -> bool {
-        !self.is_draining()
+        !self.is_draining() && !self.is_full()
+    }
+
+    /// Holds its `max_connections` (cluster-wide) already.
+    pub fn is_full(&self) -> bool {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        max != 0 && self.load() >= max
     }
 
     /// Can take new connections by preference: healthy, not ejected, not draining.
@@ -300,6 +310,46 @@ pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
     pub settings: PoolConfig,
+    /// This instance's share of `max_upgrade_rate`, when the pool has one.
+    pub admission: Option<Admission>,
+}
+
+/// A token bucket holding this instance's share of a pool's `max_upgrade_rate`:
+/// the rate divided by the live instances (as of the last heartbeat), with a
+/// burst of [`defaults::UPGRADE_BURST`] of it. Never a Redis call.
+///
+/// [`defaults::UPGRADE_BURST`]: crate::config::defaults::UPGRADE_BURST
+#[derive(Debug)]
+pub struct Admission {
+    rate: u32,
+    /// Tokens, and when they were last counted.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Admission {
+    pub fn new(rate: u32) -> Admission {
+        Admission {
+            rate,
+            bucket: Mutex::new((1.0, Instant::now())),
+        }
+    }
+
+    /// Takes one upgrade's token; false when there is none left now.
+    pub fn admit(&self, instances: usize) -> bool {
+        let share = f64::from(self.rate) / instances.max(1) as f64;
+        let burst = (share * crate::config::defaults::UPGRADE_BURST.as_secs_f64()).max(1.0);
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *bucket;
+        let tokens = (tokens + share * (now - last).as_secs_f64()).min(burst);
+        let (left, admitted) = if tokens >= 1.0 {
+            (tokens - 1.0, true)
+        } else {
+            (tokens, false)
+        };
+        *bucket = (left, now);
+        admitted
+    }
 }
 
 impl Pool {
@@ -320,6 +370,8 @@ impl Pool {
                     return Arc::new(Backend::new(config, root));
                 };
                 b.weight.store(config.weight.get(), Ordering::Relaxed);
+                b.max_connections
+                    .store(config.max_connections.unwrap_or(0), Ordering::Relaxed);
                 b.set_drain(|d| {
                     d.removed = false;
                     d.configured = config.drain;
@@ -349,6 +401,7 @@ impl Pool {
             name: name.to_string(),
             backends,
             settings: settings.clone(),
+            admission: settings.max_upgrade_rate.map(Admission::new),
         }
     }
 
@@ -368,6 +421,7 @@ impl Pool {
             name: previous.name.clone(),
             backends,
             settings: previous.settings.clone(),
+            admission: None,
         })
     }
 
@@ -454,6 +508,7 @@ mod tests {
                 addr: BackendAddr::parse(&format!("127.0.0.1:{}", 9000 + i)).unwrap(),
                 weight: NonZeroU32::new(*w).unwrap(),
                 drain: false,
+                max_connections: None,
             })
             .collect();
         let settings = PoolConfig::with_backends(backends);

@@ -103,7 +103,8 @@ pub async fn handle(
         pool = tracing::field::Empty,
         backend = tracing::field::Empty,
     );
-    let accepted = upgrade(&mut req, peer, &snapshot, &span)
+    let instances = shared.cluster.instances();
+    let accepted = upgrade(&mut req, peer, &snapshot, &span, instances)
         .instrument(span.clone())
         .await;
     match accepted {
@@ -164,12 +165,14 @@ async fn upgrade(
     peer: SocketAddr,
     snapshot: &Snapshot,
     span: &tracing::Span,
+    instances: usize,
 ) -> Result<Accepted, Refusal> {
     let route = find_route(snapshot, req)?;
     span.record("route", route.path.as_str());
     span.record("pool", route.pool.name.as_str());
     validate(route, req)?;
     let user = identity(route, req)?;
+    admit(route, instances)?;
     let client = hyper::upgrade::on(&mut *req);
     let request = handshake::backend_request(req, peer, "http", user.as_deref());
     let upgraded = ask_backends(route, request).await?;
@@ -216,6 +219,27 @@ fn identity(route: &Route, req: &Request<Incoming>) -> Result<Option<String>, Re
             Rejection::Malformed(reason).response(),
         )
     })
+}
+
+/// Is there room: the pool's `max_upgrade_rate` (this instance's share of it).
+/// Over it, 503 with a `Retry-After` of 1 to 5 s, jittered so the refused do not
+/// come back together.
+fn admit(route: &Route, instances: usize) -> Result<(), Refusal> {
+    let Some(admission) = &route.pool.admission else {
+        return Ok(());
+    };
+    if admission.admit(instances) {
+        return Ok(());
+    }
+    let mut response = handshake::plain(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "too many upgrades at once: try again shortly",
+    );
+    let after = http::HeaderValue::from(fastrand::u16(1..=5));
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, after);
+    Err(Refusal::new(&route.pool.name, "rate_limited", response))
 }
 
 /// Which backend answered: a 101, or the backend's own answer passed back.

@@ -136,6 +136,7 @@ mod tests {
                 addr: BackendAddr::parse("127.0.0.1:1").unwrap(),
                 weight: NonZeroU32::MIN,
                 drain: false,
+                max_connections: None,
             },
             &crate::closing::Wave::root(),
         )

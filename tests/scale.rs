@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
@@ -123,4 +123,108 @@ async fn failures_before_an_answer_are_retried_on_the_next_backend() {
             "{how:?}"
         );
     }
+}
+
+/// Offers `total` upgrades at a steady pace over `over`, taking turns among
+/// `proxies`; returns (accepted, refused with a Retry-After of 1 to 5 s).
+async fn flood(proxies: &[SocketAddr], total: usize, over: Duration) -> (usize, usize) {
+    let mut tick = tokio::time::interval(over / total as u32);
+    let mut attempts = Vec::new();
+    for i in 0..total {
+        tick.tick().await;
+        let addr = proxies[i % proxies.len()];
+        attempts.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(upgrade_request("/ws", "").as_bytes())
+                .await
+                .expect("write");
+            read_head(&mut tcp).await
+        }));
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for attempt in attempts {
+        let head = attempt.await.expect("attempt");
+        if head.starts_with("HTTP/1.1 101") {
+            accepted += 1;
+        } else {
+            assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+            let after: u64 = head
+                .lines()
+                .find_map(|l| l.strip_prefix("retry-after: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no Retry-After: {head}"));
+            assert!((1..=5).contains(&after), "{head}");
+            refused += 1;
+        }
+    }
+    (accepted, refused)
+}
+
+fn rate_limited(backends: &[&EchoBackend], extra: &str) -> String {
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    format!(
+        "{}{}",
+        route("/ws", "p"),
+        pool("p", &list, &format!("max_upgrade_rate = 200\n{extra}"))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_upgrade_rate_admits_its_rate_and_refuses_the_rest() {
+    let b = EchoBackend::start().await;
+    let proxy = Proxy::start(&rate_limited(&[&b], "")).await;
+    let (accepted, refused) = flood(&[proxy.addr], 1000, Duration::from_secs(2)).await;
+    assert_eq!(accepted + refused, 1000);
+    eprintln!("admission: {accepted} of 1000 accepted");
+    assert!((340..=460).contains(&accepted), "{accepted} accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_upgrade_rate_holds_for_the_whole_cluster() {
+    let redis = RedisServer::start().await;
+    let b = EchoBackend::start().await;
+    let a = Proxy::start(&format!(
+        "{}{}",
+        rate_limited(&[&b], ""),
+        cluster(&redis.url(), "a", "100ms")
+    ))
+    .await;
+    let other = Proxy::start(&format!(
+        "{}{}",
+        rate_limited(&[&b], ""),
+        cluster(&redis.url(), "b", "100ms")
+    ))
+    .await;
+    wait_for(
+        "both instances to see each other",
+        Duration::from_secs(5),
+        || a.gateway.cluster().instances() == 2 && other.gateway.cluster().instances() == 2,
+    )
+    .await;
+    let (accepted, refused) = flood(&[a.addr, other.addr], 1000, Duration::from_secs(2)).await;
+    assert_eq!(accepted + refused, 1000);
+    eprintln!("admission: {accepted} of 1000 accepted");
+    assert!((340..=460).contains(&accepted), "{accepted} accepted");
+}
+
+#[tokio::test]
+async fn a_full_backend_is_not_picked() {
+    let b = [EchoBackend::start().await, EchoBackend::start().await];
+    let proxy = Proxy::start(&format!(
+        "{}[pool.p]\nbackends = [{{ addr = \"{}\", max_connections = 5 }}, {{ addr = \"{}\", max_connections = 3, weight = 3 }}]\n",
+        route("/ws", "p"),
+        b[0].addr,
+        b[1].addr
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect(&proxy.url("/ws")).await);
+        let counts = proxy.counts("p");
+        assert!(counts[0] <= 5 && counts[1] <= 3, "{counts:?}");
+    }
+    assert_eq!(proxy.counts("p"), vec![5, 3]);
+    let refused = raw_request(proxy.addr, upgrade_request("/ws", "").as_bytes()).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert_eq!((b[0].open(), b[1].open()), (5, 3));
 }

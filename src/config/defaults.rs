@@ -25,6 +25,9 @@ pub const RETRIES: usize = 2;
 pub const MAX_RETRIES: u64 = 16;
 pub const WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u64 = 1000;
+pub const MAX_UPGRADE_RATE: u64 = 10_000_000;
+/// A pool's upgrade budget may be spent this far ahead: rate × this at once.
+pub const UPGRADE_BURST: std::time::Duration = std::time::Duration::from_millis(100);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DRAIN_SPREAD: Duration = Duration::from_secs(30);
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -223,6 +223,9 @@ pub struct PoolConfig {
     /// a backend for `fail_timeout`.
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Upgrades per second this pool admits, across the cluster; over it, 503
+    /// with `Retry-After`. `None`: no limit.
+    pub max_upgrade_rate: Option<u32>,
     /// Active checks; without them every backend counts as healthy.
     pub health: Option<HealthConfig>,
 }
@@ -242,6 +245,7 @@ impl PoolConfig {
             close_timeout: defaults::CLOSE_TIMEOUT,
             max_fails: defaults::MAX_FAILS,
             fail_timeout: defaults::FAIL_TIMEOUT,
+            max_upgrade_rate: None,
             health: None,
         }
     }
@@ -254,6 +258,8 @@ pub struct BackendConfig {
     /// `drain = true`: no new connections; its tunnels are closed after the pool's
     /// `drain_timeout`.
     pub drain: bool,
+    /// Connections it may hold across the cluster; a full backend is not picked.
+    pub max_connections: Option<u64>,
 }
 
 /// Where a backend listens: an IP literal is parsed once here, a name is resolved

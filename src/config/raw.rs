@@ -75,6 +75,7 @@ pub(super) struct RawPool {
     pub(super) close_timeout: Option<Spanned<String>>,
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
+    pub(super) max_upgrade_rate: Option<Spanned<i64>>,
     pub(super) health: Option<RawHealth>,
 }
 
@@ -83,6 +84,7 @@ pub(super) struct RawBackend {
     pub(super) addr: Spanned<String>,
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) drain: Option<bool>,
+    pub(super) max_connections: Option<Spanned<i64>>,
 }
 
 /// A size: a byte count, or a string with a unit (`"64KiB"`, `"16MiB"`).

@@ -316,6 +316,14 @@ impl Report<'_> {
                     addr,
                     weight,
                     drain: backend.drain.unwrap_or(false),
+                    max_connections: backend.max_connections.as_ref().map(|m| {
+                        self.integer(
+                            Some(m),
+                            &format!("{bkey}.max_connections"),
+                            1..=u64::from(u32::MAX),
+                            1,
+                        )
+                    }),
                 }),
                 None => self.push(
                     backend.addr.span(),
@@ -381,6 +389,14 @@ impl Report<'_> {
                 1..=defaults::MAX_MAX_FAILS,
                 defaults::MAX_FAILS.into(),
             ) as u32,
+            max_upgrade_rate: raw.max_upgrade_rate.as_ref().map(|r| {
+                self.integer(
+                    Some(r),
+                    &format!("{key}.max_upgrade_rate"),
+                    1..=defaults::MAX_UPGRADE_RATE,
+                    1,
+                ) as u32
+            }),
             fail_timeout: self.duration(
                 raw.fail_timeout.as_ref(),
                 &format!("{key}.fail_timeout"),
