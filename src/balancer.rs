@@ -44,7 +44,15 @@ pub struct Backend {
     ejected_until: AtomicU64,
     /// Connections it may hold across the cluster (`max_connections`); 0 = any.
     max_connections: AtomicU64,
+    /// When its slow start began (ms on [`clock_ms`]); 0 = not in slow start.
+    slow_since: AtomicU64,
+    /// Slow start's share of the picks it wins, accumulated in thousandths: a pick
+    /// goes to it each time this reaches a thousand.
+    slow_credit: AtomicU32,
 }
+
+/// The smallest share of its picks a backend in slow start takes.
+pub const SLOW_START_MIN: f64 = 0.1;
 
 /// Why a backend drains, and the wave its tunnels watch.
 #[derive(Debug)]
@@ -95,6 +103,8 @@ impl Backend {
             fails: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             max_connections: AtomicU64::new(config.max_connections.unwrap_or(0)),
+            slow_since: AtomicU64::new(0),
+            slow_credit: AtomicU32::new(0),
         };
         backend.set_drain(|d| d.configured = config.drain);
         backend
@@ -116,8 +126,49 @@ impl Backend {
     }
 
     /// Sets health; true when this call changed it (so exactly one caller logs).
+    /// Coming back healthy starts a slow start (where the pool has one).
     fn flip_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+        let flipped = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if flipped && healthy {
+            self.start_slow();
+        }
+        flipped
+    }
+
+    /// Begins a slow start: the pool's `slow_start` window counts from now.
+    pub fn start_slow(&self) {
+        self.slow_credit.store(0, Ordering::Relaxed);
+        self.slow_since.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// The share of its picks it takes now: `None` outside a slow start, else
+    /// `max(SLOW_START_MIN, elapsed / window)`.
+    pub fn slow_share(&self, window: Duration) -> Option<f64> {
+        let since = self.slow_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let elapsed = clock_ms().saturating_sub(since);
+        let window_ms = window.as_millis().max(1) as u64;
+        if elapsed >= window_ms {
+            self.slow_since.store(0, Ordering::Relaxed);
+            return None;
+        }
+        Some((elapsed as f64 / window_ms as f64).max(SLOW_START_MIN))
+    }
+
+    /// Adds `share` of a pick to its credit; true when a whole pick is due.
+    fn take_slow_pick(&self, share: f64) -> bool {
+        let add = (share * 1000.0) as u32;
+        let mut due = false;
+        let _ = self
+            .slow_credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                let c = c.saturating_add(add);
+                due = c >= 1000;
+                Some(if due { c - 1000 } else { c })
+            });
+        due
     }
 
     /// Records the result of one active check and flips health when the streak is
@@ -159,6 +210,7 @@ impl Backend {
             self.fails.store(0, Ordering::Relaxed);
             if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
                 tracing::info!(pool, backend = %self.addr, "backend healthy again");
+                self.start_slow();
             }
             return;
         }
@@ -367,7 +419,12 @@ impl Pool {
             .iter()
             .map(|config| {
                 let Some(b) = previous.and_then(|p| p.backend(&config.addr)) else {
-                    return Arc::new(Backend::new(config, root));
+                    let added = Backend::new(config, root);
+                    if previous.is_some() {
+                        // Added by a reload: it starts slowly (where the pool says so).
+                        added.start_slow();
+                    }
+                    return Arc::new(added);
                 };
                 b.weight.store(config.weight.get(), Ordering::Relaxed);
                 b.max_connections
@@ -446,9 +503,32 @@ impl Pool {
     /// guard already counts the new connection, so concurrent picks see it.
     pub fn pick(&self, tried: &[usize], rng: &mut fastrand::Rng) -> Option<(usize, ConnGuard)> {
         let i = self
-            .least_loaded(tried, rng, Backend::ready)
-            .or_else(|| self.least_loaded(tried, rng, Backend::available))?;
+            .choose(tried, rng, Backend::ready)
+            .or_else(|| self.choose(tried, rng, Backend::available))?;
         Some((i, ConnGuard::new(self.backends[i].clone())))
+    }
+
+    /// The least loaded eligible backend; one in slow start takes only its share
+    /// of the picks it wins, and the next least loaded gets the others.
+    fn choose(
+        &self,
+        tried: &[usize],
+        rng: &mut fastrand::Rng,
+        eligible: fn(&Backend) -> bool,
+    ) -> Option<usize> {
+        let best = self.least_loaded(tried, rng, eligible)?;
+        let backend = &self.backends[best];
+        if let Some(window) = self.settings.slow_start
+            && let Some(share) = backend.slow_share(window)
+            && !backend.take_slow_pick(share)
+        {
+            let mut skip = tried.to_vec();
+            skip.push(best);
+            if let Some(other) = self.least_loaded(&skip, rng, eligible) {
+                return Some(other);
+            }
+        }
+        Some(best)
     }
 
     fn least_loaded(

@@ -228,3 +228,58 @@ async fn a_full_backend_is_not_picked() {
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert_eq!((b[0].open(), b[1].open()), (5, 3));
 }
+
+#[tokio::test]
+async fn slow_start_ramps_a_new_backends_share() {
+    let b = [
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+    ];
+    let config = |n: usize| {
+        let list: Vec<_> = b[..n].iter().map(|b| (b.addr, 1)).collect();
+        format!(
+            "{}{}",
+            route("/ws", "p"),
+            pool("p", &list, "slow_start = \"10s\"")
+        )
+    };
+    let proxy = Proxy::start(&config(2)).await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(connect(&proxy.url("/ws")).await);
+    }
+    assert_eq!(proxy.counts("p"), vec![100, 100]);
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{}", config(3));
+    let added = Instant::now();
+    proxy
+        .gateway
+        .reload(&wsgate::Config::parse(&text, "reload.toml").expect("valid"))
+        .expect("reload");
+    // 100 new connections at a steady 10 per second.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut landed = Vec::new();
+    for _ in 0..100 {
+        tick.tick().await;
+        let at = added.elapsed().as_secs_f64();
+        let before = proxy.counts("p")[2];
+        held.push(connect(&proxy.url("/ws")).await);
+        landed.push((at, proxy.counts("p")[2] > before));
+    }
+    // Each second's share on the newcomer follows max(0.1, t / 10).
+    let mut shares = Vec::new();
+    for (second, batch) in landed.chunks(10).enumerate() {
+        let expected: f64 = batch
+            .iter()
+            .map(|(t, _)| (t / 10.0).clamp(0.1, 1.0))
+            .sum::<f64>()
+            / batch.len() as f64;
+        let actual = batch.iter().filter(|(_, on_new)| *on_new).count() as f64 / batch.len() as f64;
+        shares.push((second, expected, actual));
+        assert!(
+            (actual - expected).abs() <= 0.101,
+            "second {second}: {actual} against {expected}: {shares:?}"
+        );
+    }
+    assert!(shares[0].2 <= 0.2, "not everything at first: {shares:?}");
+}

@@ -226,6 +226,10 @@ pub struct PoolConfig {
     /// Upgrades per second this pool admits, across the cluster; over it, 503
     /// with `Retry-After`. `None`: no limit.
     pub max_upgrade_rate: Option<u32>,
+    /// A backend just added, re-admitted or appeared in DNS takes, of the new
+    /// connections least-connections would give it, the fraction
+    /// `max(0.1, t / slow_start)` until `t` reaches it. `None`: off.
+    pub slow_start: Option<Duration>,
     /// Active checks; without them every backend counts as healthy.
     pub health: Option<HealthConfig>,
 }
@@ -246,6 +250,7 @@ impl PoolConfig {
             max_fails: defaults::MAX_FAILS,
             fail_timeout: defaults::FAIL_TIMEOUT,
             max_upgrade_rate: None,
+            slow_start: None,
             health: None,
         }
     }

@@ -76,6 +76,7 @@ pub(super) struct RawPool {
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) max_upgrade_rate: Option<Spanned<i64>>,
+    pub(super) slow_start: Option<Spanned<String>>,
     pub(super) health: Option<RawHealth>,
 }
 

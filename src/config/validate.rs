@@ -397,6 +397,14 @@ impl Report<'_> {
                     1,
                 ) as u32
             }),
+            slow_start: raw.slow_start.as_ref().map(|d| {
+                self.duration(
+                    Some(d),
+                    &format!("{key}.slow_start"),
+                    POSITIVE..=MAX_DURATION,
+                    defaults::FAIL_TIMEOUT,
+                )
+            }),
             fail_timeout: self.duration(
                 raw.fail_timeout.as_ref(),
                 &format!("{key}.fail_timeout"),
