@@ -6,56 +6,82 @@
 //! `i·spread/n` plus a random part of one slot's width. So a window of `s` seconds
 //! never holds more than `⌈n/s⌉ + 1` closes in any one second.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
-/// Why a wave closes its tunnels: the code and the label they are counted under.
+/// Why a tunnel is told to close: the code and the label it is counted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// wsgate is shutting down: 1001.
     Shutdown,
     /// The backend is draining: 1012, "reconnect, you will land elsewhere".
     Drain,
+    /// The backend holds more than its share: 1012, one tunnel at a time.
+    Rebalance,
 }
 
-/// One wave: started once; its tunnels watch its token.
+/// What a woken tunnel is to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Close with `Reason`'s code after this delay (its slot in the wave).
+    Close(Reason, Duration),
+    /// Close now (rebalance), if the tunnel is at least this old.
+    CloseIfOlder(Duration),
+}
+
+/// The tunnels of one backend (or, for the root, of all): each waits on it while
+/// it relays. Started once, a wave tells all its tunnels to close, each in its
+/// slot; before that, a nudge tells the one that has waited longest (the oldest
+/// tunnel) to close now.
 #[derive(Debug)]
 pub struct Wave {
     reason: Reason,
-    token: CancellationToken,
+    notify: Notify,
+    started: AtomicBool,
     /// The wave that also ends this one (the shutdown wave, for a drain wave).
     parent: Option<Arc<Wave>>,
+    /// The root's drain waves, to wake when it starts.
+    children: Mutex<Vec<Weak<Wave>>>,
     next_slot: AtomicU64,
     total: AtomicU64,
     spread_ms: AtomicU64,
+    /// The age a nudged tunnel must have to close (rebalance `min_age`).
+    min_age_ms: AtomicU64,
 }
 
 impl Wave {
-    /// The shutdown wave: the root of every other.
-    pub fn root() -> Arc<Wave> {
-        Arc::new(Wave {
-            reason: Reason::Shutdown,
-            token: CancellationToken::new(),
-            parent: None,
+    fn new(reason: Reason, parent: Option<Arc<Wave>>) -> Wave {
+        Wave {
+            reason,
+            notify: Notify::new(),
+            started: AtomicBool::new(false),
+            parent,
+            children: Mutex::default(),
             next_slot: AtomicU64::new(0),
             total: AtomicU64::new(0),
             spread_ms: AtomicU64::new(0),
-        })
+            min_age_ms: AtomicU64::new(0),
+        }
     }
 
-    /// A drain wave, also ended by `parent` (shutdown) starting.
+    /// The shutdown wave: the parent of every other.
+    pub fn root() -> Arc<Wave> {
+        Arc::new(Wave::new(Reason::Shutdown, None))
+    }
+
+    /// A drain wave, also started by `parent` (shutdown).
     pub fn drain(parent: &Arc<Wave>) -> Arc<Wave> {
-        Arc::new(Wave {
-            reason: Reason::Drain,
-            token: parent.token.child_token(),
-            parent: Some(parent.clone()),
-            next_slot: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            spread_ms: AtomicU64::new(0),
-        })
+        let wave = Arc::new(Wave::new(Reason::Drain, Some(parent.clone())));
+        let mut children = parent.children.lock().unwrap_or_else(|e| e.into_inner());
+        if children.len() >= 64 && children.len().is_power_of_two() {
+            children.retain(|c| c.strong_count() > 0);
+        }
+        children.push(Arc::downgrade(&wave));
+        wave
     }
 
     /// Tells its tunnels to close: `total` of them, over `spread`.
@@ -64,23 +90,43 @@ impl Wave {
         self.spread_ms
             .store(spread.as_millis() as u64, Ordering::Relaxed);
         self.next_slot.store(0, Ordering::Relaxed);
-        self.token.cancel();
+        self.started.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+        let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for child in children.iter().filter_map(Weak::upgrade) {
+            child.notify.notify_waiters();
+        }
     }
 
+    /// Started, itself or through its parent.
     pub fn is_started(&self) -> bool {
-        self.token.is_cancelled()
+        self.started.load(Ordering::Acquire) || self.parent.as_ref().is_some_and(|p| p.is_started())
     }
 
-    /// Cancelled when this wave (or its parent) starts.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Tells the tunnel that has waited longest to close now, if it is at least
+    /// `min_age` old.
+    pub fn nudge(&self, min_age: Duration) {
+        self.min_age_ms
+            .store(min_age.as_millis() as u64, Ordering::Relaxed);
+        self.notify.notify_one();
     }
 
-    /// For one tunnel woken by the token: why it closes and after how long.
-    pub fn plan(&self) -> (Reason, Duration) {
+    /// What a tunnel waits on: created before the tunnel relays, so no start is
+    /// missed (`notify_waiters` reaches futures not yet polled).
+    pub fn wait(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// For a woken tunnel: what to do.
+    pub fn order(&self) -> Order {
         match &self.parent {
-            Some(parent) if parent.is_started() => parent.plan(),
-            _ => (self.reason, self.next_delay()),
+            Some(parent) if parent.is_started() => parent.order(),
+            _ if self.started.load(Ordering::Acquire) => {
+                Order::Close(self.reason, self.next_delay())
+            }
+            _ => Order::CloseIfOlder(Duration::from_millis(
+                self.min_age_ms.load(Ordering::Relaxed),
+            )),
         }
     }
 
@@ -123,16 +169,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_drain_wave_follows_the_shutdown_wave() {
+    #[tokio::test]
+    async fn a_drain_wave_follows_the_shutdown_wave() {
         let root = Wave::root();
         let drain = Wave::drain(&root);
-        assert!(!drain.token().is_cancelled());
+        assert!(!drain.is_started());
         drain.start(2, Duration::from_secs(2));
-        assert_eq!(drain.plan().0, Reason::Drain);
+        assert!(matches!(drain.order(), Order::Close(Reason::Drain, _)));
         let other = Wave::drain(&root);
+        let waiting = other.wait();
         root.start(10, Duration::ZERO);
-        assert!(other.token().is_cancelled());
-        assert_eq!(other.plan(), (Reason::Shutdown, Duration::ZERO));
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the shutdown wakes every drain wave's tunnels");
+        assert!(other.is_started());
+        assert_eq!(
+            other.order(),
+            Order::Close(Reason::Shutdown, Duration::ZERO)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nudge_wakes_the_longest_waiting_tunnel_only() {
+        let wave = Wave::drain(&Wave::root());
+        use std::future::Future;
+        use std::task::{Context, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = wave.wait();
+        let second = wave.wait();
+        tokio::pin!(first, second);
+        // Registered in this order (as tunnels are, when they start relaying).
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        wave.nudge(Duration::from_secs(60));
+        assert!(first.as_mut().poll(&mut cx).is_ready());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wave.order(), Order::CloseIfOlder(Duration::from_secs(60)));
     }
 }

@@ -1,15 +1,33 @@
-//! Drains: the task that closes a draining backend's tunnels once the pool's
-//! `drain_timeout` has passed (1012, spread over `drain_spread`, see `closing`),
-//! and drops leaving backends and pools from the snapshot once their last tunnel
-//! has ended.
+//! Drains and rebalancing: the task that closes a draining backend's tunnels once
+//! the pool's `drain_timeout` has passed (1012, spread over `drain_spread`, see
+//! `closing`), drops leaving backends and pools from the snapshot once their last
+//! tunnel has ended, and moves tunnels off backends that hold more than their
+//! share (`[pool.NAME.rebalance]`).
+//!
+//! Rebalancing, per pool and tick: with `mean` the pool's connections per unit of
+//! weight across the cluster, a backend over `threshold × mean` starts shedding
+//! and sheds until it is back within [`SHED_TO`] of the mean (hysteresis, so the
+//! imbalance does not hover at the threshold). Each shed is one nudge to its
+//! longest-waiting (oldest) tunnel, which closes with 1012 if it is at least
+//! `min_age` old; its client reconnects and least-connections places it on a
+//! lighter backend. The pool's `rate` is shared by the instances in proportion
+//! to their own tunnels on the shedding backends, so the cluster as a whole stays
+//! within it without asking Redis anything.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::balancer::{Backend, Pool};
+use crate::config::RebalanceConfig;
 use crate::state::State;
+
+/// A shedding backend sheds until its connections per weight are at most this
+/// much over the mean.
+pub const SHED_TO: f64 = 1.05;
 
 /// How often drains are looked at: the precision of `drain_timeout`.
 const TICK: Duration = Duration::from_millis(100);
@@ -18,12 +36,102 @@ const TICK: Duration = Duration::from_millis(100);
 pub async fn run(state: Arc<State>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut rebalancing: HashMap<String, Rebalancing> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        step(&state, Instant::now());
+        let now = Instant::now();
+        step(&state, now);
+        let snapshot = state.load();
+        rebalancing.retain(|name, _| snapshot.pools.contains_key(name));
+        for pool in snapshot.pools.values() {
+            let Some(config) = &pool.settings.rebalance else {
+                rebalancing.remove(&pool.name);
+                continue;
+            };
+            rebalancing
+                .entry(pool.name.clone())
+                .or_insert_with(|| Rebalancing::new(now))
+                .tick(pool, config, now);
+        }
+    }
+}
+
+/// One pool's rebalancing between ticks.
+#[derive(Debug)]
+pub struct Rebalancing {
+    /// Closes this instance may still make (fractions carry over).
+    budget: f64,
+    /// Backends (by address) shedding until they are back near the mean.
+    shedding: HashSet<String>,
+    last: Instant,
+}
+
+impl Rebalancing {
+    pub fn new(now: Instant) -> Rebalancing {
+        Rebalancing {
+            budget: 0.0,
+            shedding: HashSet::new(),
+            last: now,
+        }
+    }
+
+    /// Nudges as many tunnels off overloaded backends as this instance's share
+    /// of the rate allows now; returns how many.
+    pub fn tick(&mut self, pool: &Pool, config: &RebalanceConfig, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let serving: Vec<&Arc<Backend>> =
+            pool.backends.iter().filter(|b| !b.is_draining()).collect();
+        let load: u64 = serving.iter().map(|b| b.load()).sum();
+        let weight: u64 = serving.iter().map(|b| u64::from(b.weight())).sum();
+        if load == 0 || weight == 0 || serving.len() < 2 {
+            self.shedding.clear();
+            self.budget = 0.0;
+            return 0;
+        }
+        let mean = load as f64 / weight as f64;
+        let per_weight = |b: &Backend| b.load() as f64 / f64::from(b.weight().max(1));
+        for b in &serving {
+            let key = b.addr.to_string();
+            if per_weight(b) > config.threshold * mean {
+                self.shedding.insert(key);
+            } else if per_weight(b) <= SHED_TO * mean {
+                self.shedding.remove(&key);
+            }
+        }
+        let shedding: Vec<&&Arc<Backend>> = serving
+            .iter()
+            .filter(|b| self.shedding.contains(&b.addr.to_string()))
+            .collect();
+        let cluster: u64 = shedding.iter().map(|b| b.load()).sum();
+        let local: u64 = shedding.iter().map(|b| b.active()).sum();
+        if cluster == 0 || local == 0 {
+            self.budget = 0.0;
+            return 0;
+        }
+        // This instance's share of the pool's rate, by its share of the tunnels
+        // to move. Less than one close is carried over, so no second sees more
+        // than its share plus one.
+        let share = f64::from(config.rate) * local as f64 / cluster as f64;
+        self.budget += share * elapsed;
+        let mut nudged = 0;
+        while self.budget >= 1.0 {
+            let Some(most) = shedding
+                .iter()
+                .filter(|b| b.active() > 0)
+                .max_by(|a, b| per_weight(a).total_cmp(&per_weight(b)))
+            else {
+                break;
+            };
+            most.wave().nudge(config.min_age);
+            self.budget -= 1.0;
+            nudged += 1;
+        }
+        self.budget = self.budget.min(1.0);
+        nudged
     }
 }
 

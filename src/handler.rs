@@ -358,7 +358,7 @@ fn count_close(pool: &str, outcome: &Outcome) {
     let (initiator, code) = match (outcome.end, outcome.first_close) {
         (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
         (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
-        (End::Drain, _) => ("wsgate", Some(close_code::SERVICE_RESTART)),
+        (End::Drain | End::Rebalance, _) => ("wsgate", Some(close_code::SERVICE_RESTART)),
         (_, Some(s)) => (side(s), first_code(s)),
         (End::ClientGone, None) => ("client", None),
         (End::BackendGone, None) => ("backend", None),
@@ -373,6 +373,7 @@ fn count_close(pool: &str, outcome: &Outcome) {
         End::Shutdown => "shutdown",
         End::Drain => "drain",
         End::CloseTimeout => "close_timeout",
+        End::Rebalance => "rebalance",
     };
     ::metrics::counter!(
         m::CLOSES,

@@ -25,7 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 
 use crate::balancer::ConnGuard;
-use crate::closing::{Reason, Wave};
+use crate::closing::{Order, Reason, Wave};
 use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
 use crate::presence::PresenceGuard;
 
@@ -67,6 +67,9 @@ pub enum End {
     /// A close frame went one way and the other side did not answer and close
     /// within the close timeout: both sockets were closed.
     CloseTimeout,
+    /// Its backend held more than its share: the client was sent 1012, the
+    /// backend 1001.
+    Rebalance,
     /// wsgate is shutting down; both were sent 1001.
     Shutdown,
 }
@@ -507,6 +510,7 @@ impl<B: RelayIo> Prepared<B> {
             last_activity: Instant::now(),
             first_close_at: None,
             closing: None,
+            opened: Instant::now(),
         });
         tunnel.run(client_early, backend_early, wave).await
     }
@@ -532,6 +536,8 @@ struct Tunnel<C, B> {
     first_close_at: Option<Instant>,
     /// Told to close by a wave: how, and when its slot comes.
     closing: Option<(End, Instant)>,
+    /// When the tunnel opened: a rebalance closes only tunnels old enough.
+    opened: Instant,
 }
 
 /// What woke the relay.
@@ -631,8 +637,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     async fn relay(&mut self, wave: &Wave) -> End {
         let timer = tokio::time::sleep(self.limits.idle_timeout);
         tokio::pin!(timer);
-        let cancelled = wave.token().cancelled();
-        tokio::pin!(cancelled);
+        let waiting = wave.wait();
+        tokio::pin!(waiting);
         // Which side is looked at first when both are readable, for fairness.
         let mut client_first = true;
         loop {
@@ -650,20 +656,34 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             }
             client_first = !client_first;
             let watch_wave = self.closing.is_none();
-            let event = self
-                .next_event(client_first, watch_wave, &mut cancelled, &mut timer)
-                .await;
+            // A wave started before this tunnel began to wait on it.
+            let event = if watch_wave && wave.is_started() {
+                Event::Wave
+            } else {
+                self.next_event(client_first, watch_wave, &mut waiting, &mut timer)
+                    .await
+            };
             let ended = match event {
-                Event::Wave => {
-                    let (reason, delay) = wave.plan();
-                    let end = match reason {
-                        Reason::Shutdown => End::Shutdown,
-                        Reason::Drain => End::Drain,
-                    };
-                    self.closing = Some((end, Instant::now() + delay));
-                    timer.as_mut().reset(self.next_deadline());
-                    None
-                }
+                Event::Wave => match wave.order() {
+                    Order::Close(reason, delay) => {
+                        let end = match reason {
+                            Reason::Shutdown => End::Shutdown,
+                            Reason::Drain => End::Drain,
+                            Reason::Rebalance => End::Rebalance,
+                        };
+                        self.closing = Some((end, Instant::now() + delay));
+                        timer.as_mut().reset(self.next_deadline());
+                        None
+                    }
+                    Order::CloseIfOlder(min_age) if self.opened.elapsed() >= min_age => {
+                        Some(End::Rebalance)
+                    }
+                    Order::CloseIfOlder(_) => {
+                        // Too young: wait again, behind the others.
+                        waiting.set(wave.wait());
+                        None
+                    }
+                },
                 Event::Timer => self.on_timer(timer.as_mut()),
                 Event::ClientRead(step) => self.on_read(Side::Client, step),
                 Event::BackendRead(step) => self.on_read(Side::Backend, step),
@@ -805,7 +825,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             End::Idle | End::Shutdown => {
                 (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
             }
-            End::Drain => (
+            End::Drain | End::Rebalance => (
                 Some(close_code::SERVICE_RESTART),
                 Some(close_code::GOING_AWAY),
             ),

@@ -308,4 +308,32 @@ async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-two-tabs.png");
     std::fs::write(&path, &png).expect("write screenshot");
     println!("screenshot: {}", path.display());
+
+    // Drain alice's backend through the admin API: after the demo's 1 s
+    // drain_timeout her tab is closed with 1012, reconnects by itself, lands on
+    // another backend and says it moved.
+    let (_, addr) = demo
+        .backends
+        .iter()
+        .find(|(b, _)| b.id() == alice_backend.as_str().unwrap_or(""))
+        .expect("alice's backend");
+    let (status, _) = http_request(
+        demo.admin,
+        "POST",
+        &format!("/pools/demo/backends/{addr}/drain"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let moved = format!(
+        "(() => {{ const s = document.getElementById('status').textContent; const b = document.getElementById('backend').textContent; return s.includes('moved from {0}') && b !== '{0}' ? b : ''; }})()",
+        alice_backend.as_str().unwrap_or("")
+    );
+    browser
+        .wait(
+            &alice,
+            &moved,
+            "alice's tab to reconnect elsewhere after 1012",
+        )
+        .await;
 }

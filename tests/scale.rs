@@ -6,12 +6,16 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 /// How a broken backend treats each connection.
 #[derive(Clone, Copy, Debug)]
@@ -282,4 +286,170 @@ async fn slow_start_ramps_a_new_backends_share() {
         );
     }
     assert!(shares[0].2 <= 0.2, "not everything at first: {shares:?}");
+}
+
+/// A client that reconnects whenever it is closed with 1012, until `stop`;
+/// records when each close came and anything but a 1012.
+fn reconnecting(
+    url: String,
+    closes: Arc<Mutex<Vec<Instant>>>,
+    wrong: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut ws = connect(&url).await;
+            let got = tokio::select! {
+                _ = stop.cancelled() => return,
+                got = ws.next() => got,
+            };
+            match got {
+                Some(Ok(Message::Close(Some(frame)))) if u16::from(frame.code) == 1012 => {
+                    closes.lock().unwrap().push(Instant::now());
+                }
+                other => {
+                    wrong.lock().unwrap().push(format!("{other:?}"));
+                    return;
+                }
+            }
+        }
+    })
+}
+
+fn per_second(at: &[Instant]) -> BTreeMap<u64, u32> {
+    let mut at = at.to_vec();
+    at.sort();
+    let mut out = BTreeMap::new();
+    if let Some(first) = at.first().copied() {
+        for t in at {
+            *out.entry((t - first).as_secs()).or_default() += 1;
+        }
+    }
+    out
+}
+
+const REBALANCE: &str = "[pool.p.rebalance]\nrate = 20\nmin_age = \"0s\"\n";
+
+fn scaled(b: &[EchoBackend], n: usize, extra: &str) -> String {
+    let list: Vec<_> = b[..n].iter().map(|b| (b.addr, 1)).collect();
+    format!(
+        "{}{}{REBALANCE}{extra}",
+        route("/ws", "p"),
+        pool("p", &list, "")
+    )
+}
+
+async fn three() -> Vec<EchoBackend> {
+    vec![
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+    ]
+}
+
+/// Waits until the backends' open connections are each 100 ± 10%.
+async fn until_balanced(b: &[EchoBackend]) {
+    wait_for(
+        "each backend to hold 100 ± 10%",
+        Duration::from_secs(30),
+        || {
+            b.iter().all(|b| b.open().abs_diff(100) <= 10)
+                && b.iter().map(|b| b.open()).sum::<usize>() == 300
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_moves_tunnels_to_new_backends_at_its_rate() {
+    let b = three().await;
+    let proxy = Proxy::start(&scaled(&b, 1, "")).await;
+    let (closes, wrong, stop) = (Arc::default(), Arc::default(), CancellationToken::new());
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        clients.push(reconnecting(
+            proxy.url("/ws"),
+            Arc::clone(&closes),
+            Arc::clone(&wrong),
+            stop.clone(),
+        ));
+    }
+    wait_for(
+        "300 tunnels on the one backend",
+        Duration::from_secs(10),
+        || b[0].open() == 300,
+    )
+    .await;
+    // Scale-out: two empty backends join.
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n{}",
+        scaled(&b, 3, "")
+    );
+    proxy
+        .gateway
+        .reload(&wsgate::Config::parse(&text, "reload.toml").expect("valid"))
+        .expect("reload");
+    until_balanced(&b).await;
+    stop.cancel();
+    for c in clients {
+        c.await.expect("client");
+    }
+    assert!(
+        wrong.lock().unwrap().is_empty(),
+        "{:?}",
+        wrong.lock().unwrap()
+    );
+    let seconds = per_second(&closes.lock().unwrap());
+    eprintln!("rebalance closes per second: {seconds:?}");
+    assert!(seconds.values().all(|n| *n <= 21), "{seconds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_holds_its_rate_across_two_instances() {
+    let redis = RedisServer::start().await;
+    let b = three().await;
+    let with = |id: &str, n: usize| scaled(&b, n, &cluster(&redis.url(), id, "100ms"));
+    let a = Proxy::start(&with("a", 1)).await;
+    let other = Proxy::start(&with("b", 1)).await;
+    let (closes, wrong, stop) = (Arc::default(), Arc::default(), CancellationToken::new());
+    let mut clients = Vec::new();
+    for i in 0..300 {
+        let url = if i % 2 == 0 {
+            a.url("/ws")
+        } else {
+            other.url("/ws")
+        };
+        clients.push(reconnecting(
+            url,
+            Arc::clone(&closes),
+            Arc::clone(&wrong),
+            stop.clone(),
+        ));
+    }
+    wait_for(
+        "300 tunnels on the one backend",
+        Duration::from_secs(10),
+        || b[0].open() == 300,
+    )
+    .await;
+    for (proxy, id) in [(&a, "a"), (&other, "b")] {
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{}", with(id, 3));
+        proxy
+            .gateway
+            .reload(&wsgate::Config::parse(&text, "reload.toml").expect("valid"))
+            .expect("reload");
+    }
+    until_balanced(&b).await;
+    stop.cancel();
+    for c in clients {
+        c.await.expect("client");
+    }
+    assert!(
+        wrong.lock().unwrap().is_empty(),
+        "{:?}",
+        wrong.lock().unwrap()
+    );
+    let seconds = per_second(&closes.lock().unwrap());
+    eprintln!("rebalance closes per second, two instances: {seconds:?}");
+    assert!(seconds.values().all(|n| *n <= 22), "{seconds:?}");
 }

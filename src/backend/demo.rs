@@ -93,7 +93,7 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
         "[server]\nlisten = [\"127.0.0.1:{}\"]\nshutdown_spread = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:{}\"\n\
          [[route]]\npath = \"/rooms\"\npool = \"demo\"\nidentity = \"query:user\"\n\
-         [pool.demo]\nbackends = [{}]\n",
+         [pool.demo]\nbackends = [{}]\ndrain_timeout = \"1s\"\ndrain_spread = \"2s\"\n",
         options.port,
         options.admin_port,
         list.join(", ")

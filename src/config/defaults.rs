@@ -35,6 +35,12 @@ pub const MAX_FAILS: u32 = 3;
 pub const MAX_MAX_FAILS: u64 = 1000;
 pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+// [pool.NAME.rebalance]
+pub const REBALANCE_THRESHOLD: f64 = 1.2;
+pub const REBALANCE_RATE: u32 = 5;
+pub const MAX_REBALANCE_RATE: u64 = 100_000;
+pub const REBALANCE_MIN_AGE: Duration = Duration::from_secs(60);
+
 // [pool.NAME.health]
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);

@@ -232,7 +232,22 @@ pub struct PoolConfig {
     pub slow_start: Option<Duration>,
     /// Active checks; without them every backend counts as healthy.
     pub health: Option<HealthConfig>,
+    /// `[pool.NAME.rebalance]`: moves tunnels off overloaded backends.
+    pub rebalance: Option<RebalanceConfig>,
 }
+
+/// Rebalancing: a backend holding more than `threshold` × the pool's mean
+/// connections per unit of weight (cluster-wide) sheds tunnels (1012), oldest
+/// first and at least `min_age` old, until it is back at the mean; at most `rate`
+/// closes per second for the pool across the cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebalanceConfig {
+    pub threshold: f64,
+    pub rate: u32,
+    pub min_age: Duration,
+}
+
+impl Eq for RebalanceConfig {}
 
 impl PoolConfig {
     /// A pool of `backends` with every other setting at its default.
@@ -252,6 +267,7 @@ impl PoolConfig {
             max_upgrade_rate: None,
             slow_start: None,
             health: None,
+            rebalance: None,
         }
     }
 }

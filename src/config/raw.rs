@@ -78,6 +78,14 @@ pub(super) struct RawPool {
     pub(super) max_upgrade_rate: Option<Spanned<i64>>,
     pub(super) slow_start: Option<Spanned<String>>,
     pub(super) health: Option<RawHealth>,
+    pub(super) rebalance: Option<RawRebalance>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawRebalance {
+    pub(super) threshold: Option<Spanned<f64>>,
+    pub(super) rate: Option<Spanned<i64>>,
+    pub(super) min_age: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

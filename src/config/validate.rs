@@ -87,6 +87,39 @@ impl Report<'_> {
         admin
     }
 
+    fn rebalance(&mut self, key: &str, raw: RawRebalance) -> RebalanceConfig {
+        let threshold = match raw.threshold {
+            None => defaults::REBALANCE_THRESHOLD,
+            Some(t) if t.get_ref().is_finite() && (1.0..=100.0).contains(t.get_ref()) => {
+                *t.get_ref()
+            }
+            Some(t) => {
+                self.push(
+                    t.span(),
+                    format!("{key}.threshold"),
+                    format!("{} is out of range", t.get_ref()),
+                    "use a number from 1.0 to 100, like 1.2 (20% over the mean)",
+                );
+                defaults::REBALANCE_THRESHOLD
+            }
+        };
+        RebalanceConfig {
+            threshold,
+            rate: self.integer(
+                raw.rate.as_ref(),
+                &format!("{key}.rate"),
+                1..=defaults::MAX_REBALANCE_RATE,
+                defaults::REBALANCE_RATE.into(),
+            ) as u32,
+            min_age: self.duration(
+                raw.min_age.as_ref(),
+                &format!("{key}.min_age"),
+                Duration::ZERO..=MAX_DURATION,
+                defaults::REBALANCE_MIN_AGE,
+            ),
+        }
+    }
+
     fn health(&mut self, key: &str, raw: RawHealth) -> HealthConfig {
         let path = raw.path.and_then(|p| {
             if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) {
@@ -412,6 +445,9 @@ impl Report<'_> {
                 defaults::FAIL_TIMEOUT,
             ),
             health: raw.health.map(|h| self.health(&format!("{key}.health"), h)),
+            rebalance: raw
+                .rebalance
+                .map(|r| self.rebalance(&format!("{key}.rebalance"), r)),
         }
     }
 
