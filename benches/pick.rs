@@ -21,7 +21,7 @@ fn pool(n: usize) -> Pool {
         })
         .collect();
     let settings = PoolConfig::with_backends(backends);
-    Pool::new("bench", &settings, None, &wsgate::closing::Wave::root())
+    Pool::new("bench", &settings, None, &wsgate::balancer::Env::default())
 }
 
 fn pick(c: &mut Criterion) {

@@ -14,10 +14,150 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use crate::closing::Wave;
 use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
+
+/// What every backend of a gateway shares: the shutdown wave (the parent of
+/// their drain waves) and the signal that a count changed.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub root: Arc<Wave>,
+    pub changed: Arc<CountsChanged>,
+    /// The other instances, as the cluster task sees them.
+    pub peers: Arc<Peers>,
+}
+
+/// What the balancer knows of the other instances: how many are live (as of the
+/// last heartbeat) and, for each, when it sent the last count announcement that
+/// reached this instance: its counts are known up to then.
+#[derive(Debug, Default)]
+pub struct Peers {
+    others: AtomicU64,
+    /// Instance → send time (ms since the epoch) of its latest announcement.
+    heard: Mutex<std::collections::HashMap<String, u64>>,
+    /// Those send times, one per live other instance (0: not heard from yet; the
+    /// first [`PEER_SLOTS`] of them, the last slot standing for the rest by their
+    /// oldest): picks of this instance since then may be mirrored by a burst that
+    /// instance has not announced yet.
+    known_until: [AtomicU64; PEER_SLOTS],
+    /// Upgrades this instance is handling now: a pick counts as part of a burst
+    /// only while others are in flight beside it.
+    in_flight: AtomicU64,
+}
+
+/// One upgrade in flight on this instance, from request to answer.
+#[derive(Debug)]
+pub struct InFlight(Arc<Peers>);
+
+impl InFlight {
+    pub fn new(peers: &Arc<Peers>) -> InFlight {
+        peers.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(peers.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Other instances accounted one by one; beyond, the last slot counts for all.
+const PEER_SLOTS: usize = 8;
+
+impl Peers {
+    /// The live other instances, at a heartbeat.
+    pub fn set_live(&self, others: &[String]) {
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        heard.retain(|id, _| others.contains(id));
+        self.others.store(others.len() as u64, Ordering::Relaxed);
+        self.update(&heard);
+    }
+
+    /// An announcement of `instance`, sent at `sent` (ms since the epoch).
+    pub fn heard(&self, instance: &str, sent: u64) {
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        heard.insert(instance.to_string(), sent);
+        self.update(&heard);
+    }
+
+    fn update(&self, heard: &std::collections::HashMap<String, u64>) {
+        let others = self.others.load(Ordering::Relaxed) as usize;
+        let mut times: Vec<u64> = heard.values().copied().collect();
+        // An instance not heard from at all: nothing is known of its picks.
+        times.resize(others.max(times.len()), 0);
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        for (slot, until) in self.known_until.iter().enumerate() {
+            let value = if slot + 1 < PEER_SLOTS {
+                times.get(slot).copied().unwrap_or(u64::MAX)
+            } else {
+                times[slot.min(times.len())..]
+                    .iter()
+                    .copied()
+                    .min()
+                    .unwrap_or(u64::MAX)
+            };
+            until.store(value, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for Env {
+    fn default() -> Env {
+        Env {
+            root: Wave::root(),
+            changed: Arc::default(),
+            peers: Arc::default(),
+        }
+    }
+}
+
+/// A pick of this instance is assumed mirrored by each other instance (a burst
+/// reaches them too) until an announcement sent after it says what they really
+/// did, and for this long at the most.
+pub const BURST_MEMORY_MS: u64 = 100;
+/// The picks are remembered in buckets of this many ms.
+const BURST_BUCKET_MS: u64 = 5;
+const BURST_BUCKETS: usize = (BURST_MEMORY_MS / BURST_BUCKET_MS) as usize;
+
+/// Milliseconds since the Unix epoch (comparable with other instances' clocks).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Tells the cluster task that a connection count changed, so it can publish at
+/// once: an atomic flag, and a wake-up only when the flag was clear (at most one
+/// per look the task takes), so the upgrade path pays one atomic operation.
+#[derive(Debug, Default)]
+pub struct CountsChanged {
+    dirty: AtomicBool,
+    notify: Notify,
+}
+
+impl CountsChanged {
+    /// Marks a change and wakes the task (once until it looks).
+    pub fn touch(&self) {
+        if !self.dirty.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Completes at the next change after it was created.
+    pub fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Whether anything changed since the last call.
+    pub fn take(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+}
 
 /// One backend of one pool. Shared by every snapshot that still lists it, so a
 /// reload keeps its count.
@@ -49,6 +189,12 @@ pub struct Backend {
     /// Slow start's share of the picks it wins, accumulated in thousandths: a pick
     /// goes to it each time this reaches a thousand.
     slow_credit: AtomicU32,
+    changed: Arc<CountsChanged>,
+    /// This instance's picks of the last [`BURST_MEMORY_MS`]: per bucket, its
+    /// number (epoch ms / bucket) and the picks in it.
+    recent_bucket: [AtomicU64; BURST_BUCKETS],
+    recent_picks: [AtomicU32; BURST_BUCKETS],
+    peers: Arc<Peers>,
 }
 
 /// The smallest share of its picks a backend in slow start takes.
@@ -81,8 +227,9 @@ fn clock_ms() -> u64 {
 }
 
 impl Backend {
-    /// A backend whose tunnels also close when `root` (the shutdown wave) starts.
-    pub fn new(config: &BackendConfig, root: &Arc<Wave>) -> Backend {
+    /// A backend whose tunnels also close when the shutdown wave starts.
+    pub fn new(config: &BackendConfig, env: &Env) -> Backend {
+        let root = &env.root;
         let backend = Backend {
             addr: config.addr.clone(),
             weight: AtomicU32::new(config.weight.get()),
@@ -105,6 +252,10 @@ impl Backend {
             max_connections: AtomicU64::new(config.max_connections.unwrap_or(0)),
             slow_since: AtomicU64::new(0),
             slow_credit: AtomicU32::new(0),
+            changed: env.changed.clone(),
+            recent_bucket: std::array::from_fn(|_| AtomicU64::new(0)),
+            recent_picks: std::array::from_fn(|_| AtomicU32::new(0)),
+            peers: env.peers.clone(),
         };
         backend.set_drain(|d| d.configured = config.drain);
         backend
@@ -312,6 +463,57 @@ impl Backend {
         self.active().saturating_add(self.remote())
     }
 
+    /// What a pick weighs: the load, plus the picks of this instance that each
+    /// other instance is assumed to have mirrored (a burst reaches them too)
+    /// since its last announcement that reached here.
+    fn pick_load(&self) -> u64 {
+        let others = self.peers.others.load(Ordering::Relaxed);
+        if others == 0 {
+            return self.load();
+        }
+        let now = epoch_ms();
+        let oldest = now.saturating_sub(BURST_MEMORY_MS);
+        let mut mirrored = 0u64;
+        for (slot, until) in self.peers.known_until.iter().enumerate() {
+            let until = until.load(Ordering::Relaxed);
+            if until == u64::MAX {
+                continue;
+            }
+            let first = until.max(oldest) / BURST_BUCKET_MS;
+            let recent: u64 = self
+                .recent_bucket
+                .iter()
+                .zip(&self.recent_picks)
+                .filter(|(b, _)| b.load(Ordering::Relaxed) >= first)
+                .map(|(_, n)| u64::from(n.load(Ordering::Relaxed)))
+                .sum();
+            // The last slot stands for every instance beyond the others.
+            let times = if slot + 1 == PEER_SLOTS {
+                others.saturating_sub(PEER_SLOTS as u64 - 1).max(1)
+            } else {
+                1
+            };
+            mirrored = mirrored.saturating_add(recent.saturating_mul(times));
+        }
+        self.load().saturating_add(mirrored)
+    }
+
+    /// Remembers a pick made in a burst (other upgrades in flight beside it), when
+    /// there are other instances to mirror it.
+    fn note_pick(&self) {
+        if self.peers.others.load(Ordering::Relaxed) == 0
+            || self.peers.in_flight.load(Ordering::Relaxed) < 2
+        {
+            return;
+        }
+        let bucket = epoch_ms() / BURST_BUCKET_MS;
+        let slot = (bucket % BURST_BUCKETS as u64) as usize;
+        if self.recent_bucket[slot].swap(bucket, Ordering::Relaxed) != bucket {
+            self.recent_picks[slot].store(0, Ordering::Relaxed);
+        }
+        self.recent_picks[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -342,6 +544,7 @@ pub struct ConnGuard {
 impl ConnGuard {
     fn new(backend: Arc<Backend>) -> ConnGuard {
         backend.active.fetch_add(1, Ordering::Relaxed);
+        backend.changed.touch();
         ConnGuard { backend }
     }
 
@@ -353,6 +556,7 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.changed.touch();
     }
 }
 
@@ -408,18 +612,13 @@ impl Pool {
     /// Builds a pool, taking over the backends (and so their counts) that `previous`
     /// already had at the same address, with the new weight. Backends `previous`
     /// had that the config no longer lists stay, draining, while they have tunnels.
-    pub fn new(
-        name: &str,
-        settings: &PoolConfig,
-        previous: Option<&Pool>,
-        root: &Arc<Wave>,
-    ) -> Pool {
+    pub fn new(name: &str, settings: &PoolConfig, previous: Option<&Pool>, env: &Env) -> Pool {
         let mut backends: Vec<Arc<Backend>> = settings
             .backends
             .iter()
             .map(|config| {
                 let Some(b) = previous.and_then(|p| p.backend(&config.addr)) else {
-                    let added = Backend::new(config, root);
+                    let added = Backend::new(config, env);
                     if previous.is_some() {
                         // Added by a reload: it starts slowly (where the pool says so).
                         added.start_slow();
@@ -505,6 +704,7 @@ impl Pool {
         let i = self
             .choose(tried, rng, Backend::ready)
             .or_else(|| self.choose(tried, rng, Backend::available))?;
+        self.backends[i].note_pick();
         Some((i, ConnGuard::new(self.backends[i].clone())))
     }
 
@@ -570,8 +770,8 @@ impl Pool {
 
 /// Compares load/weight of two backends without division: a/wa < b/wb ⇔ a·wb < b·wa.
 fn compare_load(a: &Backend, b: &Backend) -> std::cmp::Ordering {
-    let left = u128::from(a.load()) * u128::from(b.weight());
-    let right = u128::from(b.load()) * u128::from(a.weight());
+    let left = u128::from(a.pick_load()) * u128::from(b.weight());
+    let right = u128::from(b.pick_load()) * u128::from(a.weight());
     left.cmp(&right)
 }
 
@@ -592,7 +792,7 @@ mod tests {
             })
             .collect();
         let settings = PoolConfig::with_backends(backends);
-        Pool::new("p", &settings, None, &Wave::root())
+        Pool::new("p", &settings, None, &Env::default())
     }
 
     #[test]

@@ -73,9 +73,31 @@ pub struct Update {
 /// The other live instances' counts, summed per `POOL/BACKEND`.
 #[derive(Debug, Default)]
 pub struct Remote {
-    pub counts: HashMap<String, u64>,
+    /// Each other live instance's counts: instance → `POOL/BACKEND` → connections.
+    pub counts: Others,
     /// Live instances, this one included.
     pub instances: usize,
+    /// The other live instances' ids.
+    pub others: Vec<String>,
+}
+
+/// Instance → `POOL/BACKEND` → connections, for the other instances.
+pub type Others = HashMap<String, HashMap<String, u64>>;
+
+/// Called with each change another instance announces.
+pub type OnChange<'a> = &'a (dyn Fn(Announce) + Send + Sync);
+
+/// A change of counts as announced on `NAME:counts`:
+/// `{"i":"edge-1","t":1764400000000,"c":[["chat/10.0.0.1:9000",37]]}`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Announce {
+    /// The instance.
+    pub i: String,
+    /// When it was sent, in ms since the Unix epoch.
+    #[serde(default)]
+    pub t: u64,
+    /// `POOL/BACKEND` → its connections now.
+    pub c: Vec<(String, u64)>,
 }
 
 /// Where cluster state lives.
@@ -93,6 +115,11 @@ pub trait Store: Send + Sync {
     fn leave(&self) -> StoreFuture<'_, ()>;
     /// Instance → user → connections, for every live instance.
     fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals>;
+    /// Announces this instance's counts that just changed, for the others to
+    /// apply before the next heartbeat.
+    fn announce<'a>(&'a self, counts: &'a [(String, u64)]) -> StoreFuture<'a, ()>;
+    /// Follows the others' announcements until `stop`, reconnecting as needed.
+    fn follow<'a>(&'a self, on: OnChange<'a>, stop: &'a CancellationToken) -> StoreFuture<'a, ()>;
 }
 
 /// Instance → user → connections.
@@ -116,10 +143,23 @@ impl Store for MemoryStore {
     fn remote(&self) -> StoreFuture<'_, Remote> {
         Box::pin(async {
             Ok(Remote {
-                counts: HashMap::new(),
+                counts: Others::new(),
                 instances: 1,
+                others: Vec::new(),
             })
         })
+    }
+
+    fn announce<'a>(&'a self, _counts: &'a [(String, u64)]) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn follow<'a>(
+        &'a self,
+        _on: OnChange<'a>,
+        _stop: &'a CancellationToken,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
     }
 
     fn lookup<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<PresenceEntry>> {
@@ -147,6 +187,8 @@ impl Store for MemoryStore {
 struct Keys {
     instances: String,
     channel: String,
+    /// Where instances announce count changes.
+    counts: String,
     prefix: String,
 }
 
@@ -155,6 +197,7 @@ impl Keys {
         Keys {
             instances: format!("{cluster}:instances"),
             channel: format!("{cluster}:presence"),
+            counts: format!("{cluster}:counts"),
             prefix: format!("{cluster}:instance:"),
         }
     }
@@ -172,6 +215,7 @@ impl Keys {
 /// Cluster state in Redis, through one multiplexed connection that the redis
 /// crate's `ConnectionManager` re-establishes (with its own backoff) when it drops.
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     keys: Keys,
     instance: String,
@@ -190,8 +234,10 @@ impl RedisStore {
             .set_connection_timeout(Some(call_time))
             .set_response_timeout(Some(call_time))
             .set_max_delay(config.heartbeat / 2);
+        let client = redis::Client::open(url)?;
         Ok(RedisStore {
-            conn: ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager)?,
+            conn: ConnectionManager::new_lazy_with_config(client.clone(), manager)?,
+            client,
             keys: Keys::new(&config.name),
             instance: instance.to_string(),
             call_time,
@@ -287,11 +333,10 @@ impl Store for RedisStore {
                 if *id == self.instance {
                     continue;
                 }
+                remote.others.push(id.clone());
                 let counts: HashMap<String, u64> =
                     redis::from_redis_value_ref(counts).unwrap_or_default();
-                for (field, n) in counts {
-                    *remote.counts.entry(field).or_default() += n;
-                }
+                remote.counts.insert(id.clone(), counts);
             }
             if !dead.is_empty() {
                 let mut pipe = redis::pipe();
@@ -342,6 +387,57 @@ impl Store for RedisStore {
         })
     }
 
+    fn announce<'a>(&'a self, counts: &'a [(String, u64)]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let announce = Announce {
+                i: self.instance.clone(),
+                t: now_ms(),
+                c: counts.to_vec(),
+            };
+            let mut pipe = redis::pipe();
+            pipe.publish(&self.keys.counts, serde_json::to_string(&announce)?)
+                .ignore();
+            self.query::<()>(&pipe).await
+        })
+    }
+
+    fn follow<'a>(&'a self, on: OnChange<'a>, stop: &'a CancellationToken) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            use futures_util::StreamExt;
+            let mut backoff = Backoff::new(FIRST_BACKOFF, Duration::from_secs(1));
+            loop {
+                let connecting = timeout(self.call_time, self.client.get_async_pubsub());
+                if let Ok(Ok(mut pubsub)) = connecting.await
+                    && pubsub.subscribe(&self.keys.counts).await.is_ok()
+                {
+                    backoff.reset();
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        let message = tokio::select! {
+                            _ = stop.cancelled() => return Ok(()),
+                            message = messages.next() => message,
+                        };
+                        // None: the connection dropped; connect again.
+                        let Some(message) = message else { break };
+                        let Ok(payload) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<Announce>(&payload) {
+                            Ok(a) if a.i != self.instance => on(a),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::debug!(error = %e, "an unreadable count announcement")
+                            }
+                        }
+                    }
+                }
+                if !backoff.pause(stop).await {
+                    return Ok(());
+                }
+            }
+        })
+    }
+
     fn leave(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let id = &self.instance;
@@ -373,7 +469,16 @@ pub struct Cluster {
     up: AtomicBool,
     /// Live instances at the last heartbeat, this one included.
     instances: AtomicUsize,
+    /// The other instances' counts: read at each heartbeat, updated between
+    /// heartbeats by their announcements.
+    others: std::sync::Mutex<Others>,
+    /// Another instance announced a change: tell the others that nothing changed
+    /// here (an empty announcement), so they stop assuming this one mirrored it.
+    ack_due: AtomicBool,
 }
+
+/// Acknowledgements (empty announcements) go out at most this often.
+const ACK_EVERY: Duration = Duration::from_millis(5);
 
 impl Cluster {
     pub fn new(config: &ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
@@ -403,6 +508,8 @@ impl Cluster {
             store,
             events,
             up: AtomicBool::new(config.redis.is_none()),
+            others: std::sync::Mutex::default(),
+            ack_due: AtomicBool::new(false),
             instances: AtomicUsize::new(1),
         }))
     }
@@ -472,6 +579,74 @@ impl Cluster {
     /// Redis failures never end it: it logs the outage once, balances on local
     /// counts, reconnects with backoff and republishes everything when back.
     pub async fn run(self: Arc<Self>, state: Arc<State>, stop: CancellationToken) {
+        let live = async {
+            if self.config.redis.is_some() {
+                tokio::join!(self.announce(&state, &stop), self.follow(&state, &stop));
+            }
+        };
+        tokio::join!(self.sync(&state, &stop), live);
+    }
+
+    /// Publishes this instance's changed counts on the counts channel as they
+    /// change (the upgrade path only raises a flag; this task sends), so that the
+    /// others see a burst while it happens, not a heartbeat later.
+    async fn announce(&self, state: &State, stop: &CancellationToken) {
+        let changed = state.counts_changed().clone();
+        let mut announced: HashMap<String, u64> = HashMap::new();
+        let mut acked = Instant::now();
+        loop {
+            // Created before the look, so a change during it wakes the next.
+            let next = changed.notified();
+            tokio::pin!(next);
+            next.as_mut().enable();
+            if changed.take() {
+                let counts = local_counts(state);
+                let moved: Vec<(String, u64)> = counts
+                    .iter()
+                    .filter(|(k, v)| announced.get(*k) != Some(v))
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                let ack = self.ack_due.load(Ordering::Relaxed) && acked.elapsed() >= ACK_EVERY;
+                if (!moved.is_empty() || ack) && self.store.announce(&moved).await.is_ok() {
+                    announced = counts;
+                    self.ack_due.store(false, Ordering::Relaxed);
+                    acked = Instant::now();
+                } else if self.ack_due.load(Ordering::Relaxed) {
+                    // Not yet time for the acknowledgement: look again shortly.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(ACK_EVERY) => changed.touch(),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = next => {}
+                // After an outage, announce everything again.
+                _ = tokio::time::sleep(self.heartbeat() * 3) => announced.clear(),
+            }
+        }
+    }
+
+    /// Applies the other instances' announcements as they arrive.
+    async fn follow(&self, state: &State, stop: &CancellationToken) {
+        let on = |announce: Announce| {
+            state.peers().heard(&announce.i, announce.t);
+            if !announce.c.is_empty() {
+                // Acknowledge a change with one of ours (perhaps empty).
+                self.ack_due.store(true, Ordering::Relaxed);
+                state.counts_changed().touch();
+            }
+            let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
+            others.entry(announce.i).or_default().extend(announce.c);
+            apply_remote(state, &sum(&others));
+        };
+        if let Err(e) = self.store.follow(&on, stop).await {
+            tracing::warn!(error = %crate::Chain(&e), "count announcements: not followed");
+        }
+    }
+
+    async fn sync(&self, state: &State, stop: &CancellationToken) {
         let flush_every = |heartbeat: Duration| (heartbeat / 4).max(Duration::from_millis(10));
         let mut heartbeat = self.heartbeat();
         let mut flush = tokio::time::interval(flush_every(heartbeat));
@@ -497,11 +672,11 @@ impl Cluster {
                 flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 sync.next_heartbeat = sync.next_heartbeat.min(Instant::now() + heartbeat);
             }
-            self.step(&state, &mut sync).await;
+            self.step(state, &mut sync).await;
         }
         if sync.connected {
             sync.next_heartbeat = Instant::now() + heartbeat;
-            self.step(&state, &mut sync).await;
+            self.step(state, &mut sync).await;
             if let Err(e) = self.store.leave().await {
                 tracing::warn!(error = %e, "could not remove this instance's keys; they expire on their own");
             }
@@ -576,9 +751,12 @@ impl Cluster {
             sync.next_heartbeat = now + self.heartbeat();
             match self.store.remote().await {
                 Ok(remote) => {
-                    apply_remote(state, &remote.counts);
+                    let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
+                    *others = remote.counts;
+                    apply_remote(state, &sum(&others));
                     self.instances
                         .store(remote.instances.max(1), Ordering::Relaxed);
+                    state.peers().set_live(&remote.others);
                 }
                 Err(e) => self.failed(state, sync, e),
             }
@@ -594,6 +772,11 @@ impl Cluster {
         sync.connected = false;
         self.up.store(false, Ordering::Relaxed);
         self.instances.store(1, Ordering::Relaxed);
+        state.peers().set_live(&[]);
+        self.others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         apply_remote(state, &HashMap::new());
         sync.retry_at = Instant::now() + sync.backoff.next_pause();
     }
@@ -634,6 +817,17 @@ fn local_counts(state: &State) -> HashMap<String, u64> {
         }
     }
     counts
+}
+
+/// The other instances' counts, summed per `POOL/BACKEND`.
+fn sum(others: &Others) -> HashMap<String, u64> {
+    let mut total: HashMap<String, u64> = HashMap::new();
+    for counts in others.values() {
+        for (field, n) in counts {
+            *total.entry(field.clone()).or_default() += n;
+        }
+    }
+    total
 }
 
 fn apply_remote(state: &State, remote: &HashMap<String, u64>) {

@@ -104,9 +104,11 @@ pub async fn handle(
         backend = tracing::field::Empty,
     );
     let instances = shared.cluster.instances();
+    let in_flight = crate::balancer::InFlight::new(shared.state.peers());
     let accepted = upgrade(&mut req, peer, &snapshot, &span, instances)
         .instrument(span.clone())
         .await;
+    drop(in_flight);
     match accepted {
         // Caught mid-handshake by the shutdown: the backend's tunnel is dropped
         // unused, and the client told to come back, never given a 101 and a close.

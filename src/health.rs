@@ -138,7 +138,7 @@ mod tests {
                 drain: false,
                 max_connections: None,
             },
-            &crate::closing::Wave::root(),
+            &crate::balancer::Env::default(),
         )
     }
     use crate::config::BackendConfig;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::balancer::Pool;
+use crate::balancer::{CountsChanged, Env, Pool};
 use crate::closing::Wave;
 use crate::config::{Config, HostPattern, IdentitySource};
 use crate::metrics::PoolMetrics;
@@ -60,13 +60,13 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config, previous: Option<&Snapshot>, root: &Arc<Wave>) -> Snapshot {
+    pub fn build(config: &Config, previous: Option<&Snapshot>, env: &Env) -> Snapshot {
         let mut pools: BTreeMap<String, Arc<Pool>> = config
             .pools
             .iter()
             .map(|(name, settings)| {
                 let old = previous.and_then(|p| p.pools.get(name)).map(Arc::as_ref);
-                (name.clone(), Arc::new(Pool::new(name, settings, old, root)))
+                (name.clone(), Arc::new(Pool::new(name, settings, old, env)))
             })
             .collect();
         for (name, pool) in previous.map(|p| &p.pools).into_iter().flatten() {
@@ -134,18 +134,18 @@ pub struct PoolChanges {
 #[derive(Debug)]
 pub struct State {
     current: ArcSwap<Snapshot>,
-    /// The shutdown wave: every backend's drain wave is its child.
-    root: Arc<Wave>,
+    /// What every backend shares: the shutdown wave, the counts signal.
+    env: Env,
     /// One build at a time (a reload and a prune must not lose each other's work).
     building: Mutex<()>,
 }
 
 impl State {
     pub fn new(config: &Config) -> State {
-        let root = Wave::root();
+        let env = Env::default();
         State {
-            current: ArcSwap::from_pointee(Snapshot::build(config, None, &root)),
-            root,
+            current: ArcSwap::from_pointee(Snapshot::build(config, None, &env)),
+            env,
             building: Mutex::new(()),
         }
     }
@@ -156,7 +156,17 @@ impl State {
 
     /// The shutdown wave.
     pub fn root(&self) -> &Arc<Wave> {
-        &self.root
+        &self.env.root
+    }
+
+    /// What the balancer knows of the other instances.
+    pub fn peers(&self) -> &Arc<crate::balancer::Peers> {
+        &self.env.peers
+    }
+
+    /// Signalled whenever a backend's count changes.
+    pub fn counts_changed(&self) -> &Arc<CountsChanged> {
+        &self.env.changed
     }
 
     /// Swaps in `config`. Backends no longer configured keep their tunnels and get
@@ -165,7 +175,7 @@ impl State {
         let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         let draining_before: BTreeSet<(String, String)> = draining(&old);
-        let new = Snapshot::build(config, Some(&old), &self.root);
+        let new = Snapshot::build(config, Some(&old), &self.env);
         let (before, after) = (old.configured(), new.configured());
         let pools_before: BTreeSet<&String> = old.config.pools.keys().collect();
         let pools_after: BTreeSet<&String> = config.pools.keys().collect();
@@ -186,7 +196,7 @@ impl State {
         let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         if old.pools.values().any(|p| p.has_finished_leavers()) {
-            let new = Snapshot::build(&old.config, Some(&old), &self.root);
+            let new = Snapshot::build(&old.config, Some(&old), &self.env);
             self.current.store(Arc::new(new));
         }
     }
@@ -236,7 +246,7 @@ backends = {backends}
 
     #[test]
     fn routes_by_host_and_path_prefix() {
-        let s = Snapshot::build(&config(false), None, &Wave::root());
+        let s = Snapshot::build(&config(false), None, &Env::default());
         let pool = |h, p| s.route(h, p).map(|r| r.pool.name.as_str());
         assert_eq!(pool(Some("chat.example.com"), "/ws"), Some("a"));
         assert_eq!(pool(Some("CHAT.Example.com"), "/ws/room"), Some("a"));

@@ -453,3 +453,139 @@ async fn rebalance_holds_its_rate_across_two_instances() {
     eprintln!("rebalance closes per second, two instances: {seconds:?}");
     assert!(seconds.values().all(|n| *n <= 22), "{seconds:?}");
 }
+
+/// `INFO commandstats` calls, summed over every command.
+async fn redis_commands(redis: &RedisServer) -> u64 {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// This instance's view of the pool through its admin API: (connections,
+/// cluster connections) per backend.
+async fn backends_seen(admin: SocketAddr) -> Vec<(u64, u64)> {
+    let (_, json) = http_get(admin, "/backends", "").await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    json["pools"][0]["backends"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .map(|b| {
+                    (
+                        b["connections"].as_u64().unwrap_or(0),
+                        b["cluster_connections"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Two backends holding 90 each and an empty one; 120 upgrades arrive at
+/// `instances` wsgate processes at once. Every backend must end within ±8% of 100.
+async fn burst_through(instances: usize) -> Vec<usize> {
+    let redis = RedisServer::start().await;
+    let b = three().await;
+    let admins: Vec<SocketAddr> = {
+        let mut out = Vec::new();
+        for _ in 0..instances {
+            out.push(free_addr().await);
+        }
+        out
+    };
+    let config = |id: usize, n: usize| {
+        let list: Vec<_> = b[..n].iter().map(|b| (b.addr, 1)).collect();
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch_config = false\n[admin]\nlisten = \"{}\"\n{}{}{}",
+            admins[id],
+            route("/ws", "p"),
+            pool("p", &list, ""),
+            cluster(&redis.url(), &format!("i{id}"), "200ms")
+        )
+    };
+    let mut proxies = Vec::new();
+    for id in 0..instances {
+        proxies.push(ProxyProcess::start_file(&config(id, 2)).await);
+    }
+    let mut held = Vec::new();
+    for _ in 0..180 {
+        held.push(connect(&proxies[0].url("/ws")).await);
+    }
+    assert_eq!((b[0].open(), b[1].open()), (90, 90));
+    for (id, p) in proxies.iter().enumerate() {
+        std::fs::write(&p.path, config(id, 3)).expect("config");
+        p.signal("HUP");
+    }
+    for admin in &admins {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backends_seen(*admin)
+            .await
+            .iter()
+            .map(|(_, c)| *c)
+            .collect::<Vec<_>>()
+            != vec![90, 90, 0]
+        {
+            assert!(Instant::now() < deadline, "every instance sees 90/90/0");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let before = redis_commands(&redis).await;
+    // The burst: 120 upgrades at once, shared by the instances.
+    let started = Instant::now();
+    let urls: Vec<String> = proxies.iter().map(|p| p.url("/ws")).collect();
+    let burst: Vec<_> = (0..120)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            tokio::spawn(async move { connect(&url).await })
+        })
+        .collect();
+    for ws in burst {
+        held.push(ws.await.expect("client"));
+    }
+    let took = started.elapsed();
+    let counts: Vec<usize> = b.iter().map(|b| b.open()).collect();
+    let commands = redis_commands(&redis).await - before;
+    eprintln!(
+        "burst through {instances} instances in {took:?}: {counts:?}; {:.2} Redis commands per upgrade",
+        commands as f64 / 120.0
+    );
+    counts
+}
+
+/// Three bursts: at least two within ±8% of ideal on every backend, none beyond
+/// ±15% (without the live counts all three end 90/90/120).
+async fn bursts_through(instances: usize) {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(burst_through(instances).await);
+    }
+    let within = |counts: &Vec<usize>, d: usize| counts.iter().all(|n| n.abs_diff(100) <= d);
+    assert!(
+        runs.iter().filter(|c| within(c, 8)).count() >= 2,
+        "{runs:?}"
+    );
+    assert!(runs.iter().all(|c| within(c, 15)), "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_two_instances_is_balanced() {
+    bursts_through(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_three_instances_is_balanced() {
+    bursts_through(3).await;
+}
