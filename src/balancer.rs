@@ -286,6 +286,11 @@ impl Backend {
         flipped
     }
 
+    /// Ends a slow start at once (a DNS name's first addresses are not new).
+    pub fn end_slow(&self) {
+        self.slow_since.store(0, Ordering::Relaxed);
+    }
+
     /// Begins a slow start: the pool's `slow_start` window counts from now.
     pub fn start_slow(&self) {
         self.slow_credit.store(0, Ordering::Relaxed);
@@ -724,7 +729,10 @@ impl Pool {
         {
             let mut skip = tried.to_vec();
             skip.push(best);
-            if let Some(other) = self.least_loaded(&skip, rng, eligible) {
+            // Diverted only to a backend that is not starting slowly itself.
+            if let Some(other) = self.least_loaded(&skip, rng, eligible)
+                && self.backends[other].slow_share(window).is_none()
+            {
                 return Some(other);
             }
         }

@@ -14,6 +14,7 @@
 //! | [`cluster`] | state shared with other instances: Redis or in memory |
 //! | [`presence`] | identities, presence records and join/leave events |
 //! | [`closing`] | close waves: drains and shutdown spread their closes |
+//! | [`discovery`] | backends from DNS |
 //! | [`drain`] | the task that starts drain waves and drops what finished leaving |
 //! | [`reload`] | what a reload changed (its log line), the config file watch |
 //! | [`health`] | active checks and passive ejection, with hysteresis |
@@ -29,6 +30,7 @@ pub mod balancer;
 pub mod closing;
 pub mod cluster;
 pub mod config;
+pub mod discovery;
 pub mod drain;
 pub mod frame;
 pub mod handler;
@@ -307,6 +309,7 @@ impl Gateway {
         let background = TaskTracker::new();
         background.spawn(health::run(self.state.clone(), stop_background.clone()));
         background.spawn(drain::run(self.state.clone(), stop_background.clone()));
+        background.spawn(discovery::run(self.state.clone(), stop_background.clone()));
         background.close();
         let shared = handler::Shared {
             state: self.state.clone(),

@@ -22,6 +22,7 @@ pub const MESSAGES: &str = "wsgate_messages_total";
 pub const BYTES: &str = "wsgate_bytes_total";
 pub const CLOSES: &str = "wsgate_closes_total";
 pub const BACKEND_FAILURES: &str = "wsgate_backend_failures_total";
+pub const DNS_FAILURES: &str = "wsgate_dns_failures_total";
 pub const BACKEND_UP: &str = "wsgate_backend_up";
 pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
@@ -95,6 +96,10 @@ fn describe() {
     describe_counter!(
         BACKEND_FAILURES,
         "Attempts on a backend that failed before it answered (each then tried on the next backend, within retries)."
+    );
+    describe_counter!(
+        DNS_FAILURES,
+        "Failed resolutions of DNS backend names (the last known addresses are kept)."
     );
     describe_gauge!(
         BACKEND_UP,

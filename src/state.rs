@@ -6,14 +6,15 @@
 //! config stay in the snapshot, draining, until their last tunnel ends; then
 //! [`State::prune`] builds the snapshot again without them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::balancer::{CountsChanged, Env, Pool};
 use crate::closing::Wave;
-use crate::config::{Config, HostPattern, IdentitySource};
+use crate::config::{BackendAddr, BackendConfig, Config, HostPattern, IdentitySource, PoolConfig};
 use crate::metrics::PoolMetrics;
 
 /// One consistent view of routes and pools, and the config they came from.
@@ -59,14 +60,44 @@ fn path_matches(prefix: &str, path: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// (pool, `name:port`) → the addresses the name resolved to last.
+pub type Resolved = HashMap<(String, String), Vec<SocketAddr>>;
+
+/// A pool's settings with each DNS entry replaced by a backend per address it
+/// resolved to (same weight and cap); addresses listed by `addr` win.
+fn expand(name: &str, settings: &PoolConfig, resolved: &Resolved) -> PoolConfig {
+    let mut expanded = settings.clone();
+    for entry in &settings.dns {
+        let key = (name.to_string(), entry.name());
+        for addr in resolved.get(&key).into_iter().flatten() {
+            let addr = BackendAddr::Ip(*addr);
+            if !expanded.backends.iter().any(|b| b.addr == addr) {
+                expanded.backends.push(BackendConfig {
+                    addr,
+                    weight: entry.weight,
+                    drain: false,
+                    max_connections: entry.max_connections,
+                });
+            }
+        }
+    }
+    expanded
+}
+
 impl Snapshot {
-    pub fn build(config: &Config, previous: Option<&Snapshot>, env: &Env) -> Snapshot {
+    pub fn build(
+        config: &Config,
+        previous: Option<&Snapshot>,
+        env: &Env,
+        resolved: &Resolved,
+    ) -> Snapshot {
         let mut pools: BTreeMap<String, Arc<Pool>> = config
             .pools
             .iter()
             .map(|(name, settings)| {
                 let old = previous.and_then(|p| p.pools.get(name)).map(Arc::as_ref);
-                (name.clone(), Arc::new(Pool::new(name, settings, old, env)))
+                let settings = expand(name, settings, resolved);
+                (name.clone(), Arc::new(Pool::new(name, &settings, old, env)))
             })
             .collect();
         for (name, pool) in previous.map(|p| &p.pools).into_iter().flatten() {
@@ -136,17 +167,18 @@ pub struct State {
     current: ArcSwap<Snapshot>,
     /// What every backend shares: the shutdown wave, the counts signal.
     env: Env,
-    /// One build at a time (a reload and a prune must not lose each other's work).
-    building: Mutex<()>,
+    /// DNS names' addresses; one build at a time (a reload, a prune and a new
+    /// resolution must not lose each other's work).
+    building: Mutex<Resolved>,
 }
 
 impl State {
     pub fn new(config: &Config) -> State {
         let env = Env::default();
         State {
-            current: ArcSwap::from_pointee(Snapshot::build(config, None, &env)),
+            current: ArcSwap::from_pointee(Snapshot::build(config, None, &env, &Resolved::new())),
             env,
-            building: Mutex::new(()),
+            building: Mutex::new(Resolved::new()),
         }
     }
 
@@ -172,10 +204,17 @@ impl State {
     /// Swaps in `config`. Backends no longer configured keep their tunnels and get
     /// no new ones.
     pub fn reload(&self, config: &Config) -> PoolChanges {
-        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let mut resolved = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        // Names no longer in the file are forgotten.
+        resolved.retain(|(pool, name), _| {
+            config
+                .pools
+                .get(pool)
+                .is_some_and(|p| p.dns.iter().any(|d| d.name() == *name))
+        });
         let old = self.current.load_full();
         let draining_before: BTreeSet<(String, String)> = draining(&old);
-        let new = Snapshot::build(config, Some(&old), &self.env);
+        let new = Snapshot::build(config, Some(&old), &self.env, &resolved);
         let (before, after) = (old.configured(), new.configured());
         let pools_before: BTreeSet<&String> = old.config.pools.keys().collect();
         let pools_after: BTreeSet<&String> = config.pools.keys().collect();
@@ -193,12 +232,38 @@ impl State {
     /// Builds the snapshot again without the leaving backends and pools whose last
     /// tunnel has ended. Cheap to call when there are none.
     pub fn prune(&self) {
-        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let resolved = self.building.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         if old.pools.values().any(|p| p.has_finished_leavers()) {
-            let new = Snapshot::build(&old.config, Some(&old), &self.env);
+            let new = Snapshot::build(&old.config, Some(&old), &self.env, &resolved);
             self.current.store(Arc::new(new));
         }
+    }
+
+    /// A DNS name of `pool` now resolves to `addrs`: new addresses join (with slow
+    /// start, where set), vanished ones drain like a backend removed from the file.
+    /// Returns whether anything changed.
+    pub fn set_resolved(&self, pool: &str, name: &str, mut addrs: Vec<SocketAddr>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        let mut resolved = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (pool.to_string(), name.to_string());
+        if resolved.get(&key) == Some(&addrs) {
+            return false;
+        }
+        let first = resolved.insert(key, addrs.clone()).is_none();
+        let old = self.current.load_full();
+        let new = Snapshot::build(&old.config, Some(&old), &self.env, &resolved);
+        if first && let Some(pool) = new.pools.get(pool) {
+            // The name's first addresses are the pool's start, not newcomers.
+            for addr in &addrs {
+                if let Some(b) = pool.backend(&BackendAddr::Ip(*addr)) {
+                    b.end_slow();
+                }
+            }
+        }
+        self.current.store(Arc::new(new));
+        true
     }
 }
 
@@ -246,7 +311,7 @@ backends = {backends}
 
     #[test]
     fn routes_by_host_and_path_prefix() {
-        let s = Snapshot::build(&config(false), None, &Env::default());
+        let s = Snapshot::build(&config(false), None, &Env::default(), &Resolved::new());
         let pool = |h, p| s.route(h, p).map(|r| r.pool.name.as_str());
         assert_eq!(pool(Some("chat.example.com"), "/ws"), Some("a"));
         assert_eq!(pool(Some("CHAT.Example.com"), "/ws/room"), Some("a"));

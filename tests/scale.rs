@@ -589,3 +589,152 @@ async fn a_burst_through_two_instances_is_balanced() {
 async fn a_burst_through_three_instances_is_balanced() {
     bursts_through(3).await;
 }
+
+/// Four echo backends on 127.0.0.1-4, one port for all (DNS gives addresses only).
+async fn backends_on_one_port() -> (u16, Vec<EchoBackend>) {
+    for _ in 0..20 {
+        let port = free_addr().await.port();
+        let mut found = Vec::new();
+        for i in 1..=4u8 {
+            let addr = SocketAddr::from(([127, 0, 0, i], port));
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    drop(l);
+                    found.push(EchoBackend::start_at(addr).await);
+                }
+                Err(_) => break,
+            }
+        }
+        if found.len() == 4 {
+            return (port, found);
+        }
+    }
+    panic!("no port free on 127.0.0.1-4");
+}
+
+/// The addresses of pool p's backends that are not draining, per /backends.
+async fn serving(admin: SocketAddr) -> Vec<String> {
+    let (_, json) = http_get(admin, "/backends", "").await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    let mut out: Vec<String> = json["pools"][0]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["draining"] == false)
+        .filter_map(|b| b["addr"].as_str().map(str::to_string))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_serving(admin: SocketAddr, expected: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = serving(admin).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serving {now:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_follow_dns() {
+    use std::net::Ipv4Addr;
+    let (port, b) = backends_on_one_port().await;
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let name = |i: u8| format!("127.0.0.{i}:{port}");
+    let dns = DnsServer::start(&[ip(1), ip(2)]).await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[resolver]\nnameservers = [\"{}\"]\n{}\
+         [pool.p]\nbackends = [{{ dns = \"chat.test:{port}\" }}]\ndns_refresh = \"200ms\"\n\
+         slow_start = \"5s\"\ndrain_timeout = \"0s\"\ndrain_spread = \"1s\"\n",
+        dns.addr,
+        route("/ws", "p"),
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    wait_serving(admin, &[name(1), name(2)]).await;
+    let mut first = Vec::new();
+    for _ in 0..20 {
+        first.push(connect(&proxy.url("/ws")).await);
+    }
+    assert_eq!((b[0].open(), b[1].open()), (10, 10));
+
+    // A third address: it gets connections, ramped (slow start), not all of them.
+    dns.set(&[ip(1), ip(2), ip(3)]);
+    wait_serving(admin, &[name(1), name(2), name(3)]).await;
+    let mut second = Vec::new();
+    for _ in 0..10 {
+        second.push(connect(&proxy.url("/ws")).await);
+    }
+    assert!(
+        (1..=5).contains(&b[2].open()),
+        "newcomer took {} of 10",
+        b[2].open()
+    );
+
+    // Two others: the vanished addresses drain, their clients get 1012, spread.
+    let staying = b[2].open();
+    dns.set(&[ip(3), ip(4)]);
+    wait_serving(admin, &[name(3), name(4)]).await;
+    let mut closes = Vec::new();
+    for mut ws in first.into_iter().chain(second) {
+        closes.push(tokio::spawn(async move {
+            let got = timeout(Duration::from_secs(4), ws.next()).await;
+            match got {
+                Ok(Some(Ok(Message::Close(Some(f))))) => Some((u16::from(f.code), Instant::now())),
+                // On a backend that stays: still open.
+                Err(_) => None,
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    let mut at = Vec::new();
+    for close in closes {
+        if let Some((code, when)) = close.await.expect("client") {
+            assert_eq!(code, 1012);
+            at.push(when);
+        }
+    }
+    at.sort();
+    let drained = 20 + 10 - staying;
+    assert_eq!(
+        at.len(),
+        drained,
+        "every client of a vanished address got 1012"
+    );
+    assert!(
+        *at.last().unwrap() - at[0] >= Duration::from_millis(500),
+        "spread, not all at once"
+    );
+
+    // An outage keeps the last known set.
+    dns.outage();
+    let failures = || async {
+        let (_, metrics) = http_get(admin, "/metrics", "").await;
+        series_value(&metrics, "wsgate_dns_failures_total", &[("pool", "p")])
+    };
+    wait_for_async("a failed resolution", || async { failures().await >= 1.0 }).await;
+    assert_eq!(serving(admin).await, vec![name(3), name(4)]);
+    let mut ws = connect(&proxy.url("/ws")).await;
+    ws.send(Message::text("still")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("still"));
+}
+
+/// Polls an async condition every 50 ms for up to 15 s.
+async fn wait_for_async<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -35,6 +35,10 @@ pub const MAX_FAILS: u32 = 3;
 pub const MAX_MAX_FAILS: u64 = 1000;
 pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+pub const DNS_REFRESH: Duration = Duration::from_secs(5);
+/// DNS is asked again at most this often, however short the records' TTL.
+pub const MIN_DNS_REFRESH: Duration = Duration::from_millis(100);
+
 // [pool.NAME.rebalance]
 pub const REBALANCE_THRESHOLD: f64 = 1.2;
 pub const REBALANCE_RATE: u32 = 5;

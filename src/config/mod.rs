@@ -39,6 +39,9 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     pub cluster: ClusterConfig,
     pub admin: AdminConfig,
+    /// `[resolver] nameservers`: where DNS backends are resolved; empty = the
+    /// system's configuration (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/presence`.
@@ -234,6 +237,29 @@ pub struct PoolConfig {
     pub health: Option<HealthConfig>,
     /// `[pool.NAME.rebalance]`: moves tunnels off overloaded backends.
     pub rebalance: Option<RebalanceConfig>,
+    /// Entries `{ dns = "name:port" }`: every A/AAAA record of the name is a
+    /// backend of its own.
+    pub dns: Vec<DnsBackend>,
+    /// How often DNS names are resolved again (sooner when the records' TTL is
+    /// shorter).
+    pub dns_refresh: Duration,
+}
+
+/// A backend entry that stands for every address of a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    /// Lower-cased, without the port.
+    pub host: String,
+    pub port: u16,
+    pub weight: NonZeroU32,
+    pub max_connections: Option<u64>,
+}
+
+impl DnsBackend {
+    /// `host:port`, as written.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }
 
 /// Rebalancing: a backend holding more than `threshold` × the pool's mean
@@ -268,6 +294,8 @@ impl PoolConfig {
             slow_start: None,
             health: None,
             rebalance: None,
+            dns: Vec::new(),
+            dns_refresh: defaults::DNS_REFRESH,
         }
     }
 }

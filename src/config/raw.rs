@@ -15,6 +15,12 @@ pub(super) struct RawConfig {
     pub(super) pool: BTreeMap<String, RawPool>,
     pub(super) cluster: Option<RawCluster>,
     pub(super) admin: Option<RawAdmin>,
+    pub(super) resolver: Option<RawResolver>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawResolver {
+    pub(super) nameservers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +83,7 @@ pub(super) struct RawPool {
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) max_upgrade_rate: Option<Spanned<i64>>,
     pub(super) slow_start: Option<Spanned<String>>,
+    pub(super) dns_refresh: Option<Spanned<String>>,
     pub(super) health: Option<RawHealth>,
     pub(super) rebalance: Option<RawRebalance>,
 }
@@ -90,7 +97,8 @@ pub(super) struct RawRebalance {
 
 #[derive(Deserialize)]
 pub(super) struct RawBackend {
-    pub(super) addr: Spanned<String>,
+    pub(super) addr: Option<Spanned<String>>,
+    pub(super) dns: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) drain: Option<bool>,
     pub(super) max_connections: Option<Spanned<i64>>,

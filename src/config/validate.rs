@@ -40,12 +40,31 @@ impl Report<'_> {
         }
         let cluster = self.cluster(raw.cluster);
         let admin = self.admin(raw.admin, &server);
+        let mut nameservers = Vec::new();
+        for (i, ns) in raw
+            .resolver
+            .and_then(|r| r.nameservers)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            match ns.get_ref().parse::<SocketAddr>() {
+                Ok(a) => nameservers.push(a),
+                Err(_) => self.push(
+                    ns.span(),
+                    format!("resolver.nameservers[{i}]"),
+                    format!("`{}` is not an IP address with a port", ns.get_ref()),
+                    "write an IP address and port, like \"10.96.0.10:53\"",
+                ),
+            }
+        }
         Config {
             server,
             routes,
             pools,
             cluster,
             admin,
+            nameservers,
         }
     }
 
@@ -328,6 +347,7 @@ impl Report<'_> {
 
     fn pool(&mut self, key: &str, raw: RawPool) -> PoolConfig {
         let mut backends: Vec<BackendConfig> = Vec::new();
+        let mut dns_entries: Vec<DnsBackend> = Vec::new();
         for (i, backend) in raw.backends.into_iter().enumerate() {
             let backend = backend.into_inner();
             let bkey = format!("{key}.backends[{i}]");
@@ -338,30 +358,62 @@ impl Report<'_> {
                 defaults::WEIGHT.into(),
             );
             let weight = NonZeroU32::new(weight as u32).unwrap_or(NonZeroU32::MIN);
-            match BackendAddr::parse(backend.addr.get_ref()) {
-                Some(addr) if backends.iter().any(|b| b.addr == addr) => self.push(
-                    backend.addr.span(),
+            let max_connections = backend.max_connections.as_ref().map(|m| {
+                self.integer(
+                    Some(m),
+                    &format!("{bkey}.max_connections"),
+                    1..=u64::from(u32::MAX),
+                    1,
+                )
+            });
+            let (addr, dns) = match (backend.addr, backend.dns) {
+                (Some(addr), None) => (addr, false),
+                (None, Some(name)) => (name, true),
+                (both, _) => {
+                    let span = both.map(|a| a.span()).unwrap_or(0..0);
+                    self.push(
+                        span,
+                        bkey.clone(),
+                        "a backend needs `addr` or `dns`, not both".into(),
+                        "write { addr = \"10.0.0.1:9000\" } or { dns = \"chat.svc.cluster.local:9000\" }",
+                    );
+                    continue;
+                }
+            };
+            if dns {
+                match BackendAddr::parse(addr.get_ref()) {
+                    Some(BackendAddr::Name { host, port }) => dns_entries.push(DnsBackend {
+                        host,
+                        port,
+                        weight,
+                        max_connections,
+                    }),
+                    _ => self.push(
+                        addr.span(),
+                        format!("{bkey}.dns"),
+                        format!("`{}` is not a name:port", addr.get_ref()),
+                        "write a DNS name and port, like \"chat.default.svc.cluster.local:9000\"",
+                    ),
+                }
+                continue;
+            }
+            match BackendAddr::parse(addr.get_ref()) {
+                Some(parsed) if backends.iter().any(|b| b.addr == parsed) => self.push(
+                    addr.span(),
                     format!("{bkey}.addr"),
-                    format!("backend {addr} is listed twice in this pool"),
+                    format!("backend {parsed} is listed twice in this pool"),
                     "remove the duplicate, or raise the first one's weight",
                 ),
-                Some(addr) => backends.push(BackendConfig {
-                    addr,
+                Some(parsed) => backends.push(BackendConfig {
+                    addr: parsed,
                     weight,
                     drain: backend.drain.unwrap_or(false),
-                    max_connections: backend.max_connections.as_ref().map(|m| {
-                        self.integer(
-                            Some(m),
-                            &format!("{bkey}.max_connections"),
-                            1..=u64::from(u32::MAX),
-                            1,
-                        )
-                    }),
+                    max_connections,
                 }),
                 None => self.push(
-                    backend.addr.span(),
+                    addr.span(),
                     format!("{bkey}.addr"),
-                    format!("`{}` is not a host:port address", backend.addr.get_ref()),
+                    format!("`{}` is not a host:port address", addr.get_ref()),
                     "write host:port, like \"10.0.0.1:9000\", \"[::1]:9000\" or \"chat-1.internal:9000\"",
                 ),
             }
@@ -448,6 +500,13 @@ impl Report<'_> {
             rebalance: raw
                 .rebalance
                 .map(|r| self.rebalance(&format!("{key}.rebalance"), r)),
+            dns: dns_entries,
+            dns_refresh: self.duration(
+                raw.dns_refresh.as_ref(),
+                &format!("{key}.dns_refresh"),
+                defaults::MIN_DNS_REFRESH..=MAX_DURATION,
+                defaults::DNS_REFRESH,
+            ),
         }
     }
 

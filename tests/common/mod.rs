@@ -766,3 +766,86 @@ pub fn cluster(redis: &str, instance: &str, heartbeat: &str) -> String {
         "[cluster]\nredis = \"{redis}\"\nname = \"t\"\ninstance_id = \"{instance}\"\nheartbeat = \"{heartbeat}\"\n"
     )
 }
+
+/// A DNS server of the test's own on 127.0.0.1 (UDP): answers every A query with
+/// the addresses it is given (TTL 1 s), AAAA with none; during an outage it does
+/// not answer at all.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    /// `None`: an outage.
+    answers: Arc<Mutex<Option<Vec<std::net::Ipv4Addr>>>>,
+    stop: CancellationToken,
+}
+
+impl DnsServer {
+    pub async fn start(answers: &[std::net::Ipv4Addr]) -> DnsServer {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind dns");
+        let addr = socket.local_addr().expect("addr");
+        let server = DnsServer {
+            addr,
+            answers: Arc::new(Mutex::new(Some(answers.to_vec()))),
+            stop: CancellationToken::new(),
+        };
+        let (answers, stop) = (server.answers.clone(), server.stop.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = socket.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
+                };
+                let current = answers.lock().unwrap().clone();
+                let Some(ips) = current else { continue };
+                if let Some(reply) = dns_reply(&buf[..n], &ips) {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        server
+    }
+
+    pub fn set(&self, answers: &[std::net::Ipv4Addr]) {
+        *self.answers.lock().unwrap() = Some(answers.to_vec());
+    }
+
+    /// Stops answering.
+    pub fn outage(&self) {
+        *self.answers.lock().unwrap() = None;
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The answer to one query: its question back, and an A record per address
+/// when it asked for A.
+fn dns_reply(query: &[u8], ips: &[std::net::Ipv4Addr]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // The question: labels up to the zero length, then type and class.
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
+    end += 5;
+    let answers: &[std::net::Ipv4Addr] = if qtype == 1 { ips } else { &[] };
+    let mut out = Vec::with_capacity(end + 16 * answers.len());
+    out.extend_from_slice(&query[..2]);
+    out.extend_from_slice(&[0x81 | (query[2] & 0x01), 0x80]);
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(query.get(12..end)?);
+    for ip in answers {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+        out.extend_from_slice(&ip.octets());
+    }
+    Some(out)
+}
