@@ -164,10 +164,16 @@ impl CountsChanged {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: BackendAddr,
+    /// A stable hash of the address: sticky tokens and rendezvous hashing use it,
+    /// so every instance agrees.
+    pub id: u64,
     /// Changed in place by a reload, which keeps the count.
     weight: AtomicU32,
     /// Connections assigned by this instance, handshakes in flight included.
     active: AtomicU64,
+    /// Plain HTTP requests in flight through this instance (`http = "proxy"`),
+    /// balanced apart from the WebSocket connections.
+    http_active: AtomicU64,
     /// Connections the other live instances of the cluster hold, as they last
     /// published them; written by the cluster task, read by the pick, never awaited.
     remote: AtomicU64,
@@ -231,7 +237,9 @@ impl Backend {
     pub fn new(config: &BackendConfig, env: &Env) -> Backend {
         let root = &env.root;
         let backend = Backend {
+            id: fnv1a(config.addr.to_string().as_bytes()),
             addr: config.addr.clone(),
+            http_active: AtomicU64::new(0),
             weight: AtomicU32::new(config.weight.get()),
             active: AtomicU64::new(0),
             remote: AtomicU64::new(0),
@@ -540,17 +548,41 @@ impl Backend {
     }
 }
 
+/// FNV-1a, 64 bits: small, stable across versions and processes.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// What a pick is for: each is balanced on its own count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// A WebSocket upgrade and its tunnel.
+    Tunnel,
+    /// One proxied plain HTTP request.
+    Http,
+}
+
 /// Holds one unit of a backend's count; dropping it gives the unit back.
 #[derive(Debug)]
 pub struct ConnGuard {
     backend: Arc<Backend>,
+    traffic: Traffic,
 }
 
 impl ConnGuard {
-    fn new(backend: Arc<Backend>) -> ConnGuard {
-        backend.active.fetch_add(1, Ordering::Relaxed);
-        backend.changed.touch();
-        ConnGuard { backend }
+    fn new(backend: Arc<Backend>, traffic: Traffic) -> ConnGuard {
+        match traffic {
+            Traffic::Tunnel => {
+                backend.active.fetch_add(1, Ordering::Relaxed);
+                backend.changed.touch();
+            }
+            Traffic::Http => {
+                backend.http_active.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        ConnGuard { backend, traffic }
     }
 
     pub fn backend(&self) -> &Arc<Backend> {
@@ -560,8 +592,15 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
-        self.backend.changed.touch();
+        match self.traffic {
+            Traffic::Tunnel => {
+                self.backend.active.fetch_sub(1, Ordering::Relaxed);
+                self.backend.changed.touch();
+            }
+            Traffic::Http => {
+                self.backend.http_active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -707,10 +746,33 @@ impl Pool {
     /// guard already counts the new connection, so concurrent picks see it.
     pub fn pick(&self, tried: &[usize], rng: &mut fastrand::Rng) -> Option<(usize, ConnGuard)> {
         let i = self
-            .choose(tried, rng, Backend::ready)
-            .or_else(|| self.choose(tried, rng, Backend::available))?;
+            .choose(tried, rng, Backend::ready, Traffic::Tunnel)
+            .or_else(|| self.choose(tried, rng, Backend::available, Traffic::Tunnel))?;
         self.backends[i].note_pick();
-        Some((i, ConnGuard::new(self.backends[i].clone())))
+        Some((i, ConnGuard::new(self.backends[i].clone(), Traffic::Tunnel)))
+    }
+
+    /// The same for one plain HTTP request, balanced over HTTP requests in flight.
+    pub fn pick_http(
+        &self,
+        tried: &[usize],
+        rng: &mut fastrand::Rng,
+    ) -> Option<(usize, ConnGuard)> {
+        let i = self
+            .choose(tried, rng, Backend::ready, Traffic::Http)
+            .or_else(|| self.choose(tried, rng, Backend::available, Traffic::Http))?;
+        Some((i, ConnGuard::new(self.backends[i].clone(), Traffic::Http)))
+    }
+
+    /// Takes backend `i` (a sticky placement) when it can take a connection now.
+    pub fn take(&self, i: usize, traffic: Traffic) -> Option<ConnGuard> {
+        let backend = self.backends.get(i)?;
+        (backend.ready()).then(|| {
+            if traffic == Traffic::Tunnel {
+                backend.note_pick();
+            }
+            ConnGuard::new(backend.clone(), traffic)
+        })
     }
 
     /// The least loaded eligible backend; one in slow start takes only its share
@@ -720,8 +782,9 @@ impl Pool {
         tried: &[usize],
         rng: &mut fastrand::Rng,
         eligible: fn(&Backend) -> bool,
+        traffic: Traffic,
     ) -> Option<usize> {
-        let best = self.least_loaded(tried, rng, eligible)?;
+        let best = self.least_loaded(tried, rng, eligible, traffic)?;
         let backend = &self.backends[best];
         if let Some(window) = self.settings.slow_start
             && let Some(share) = backend.slow_share(window)
@@ -730,7 +793,7 @@ impl Pool {
             let mut skip = tried.to_vec();
             skip.push(best);
             // Diverted only to a backend that is not starting slowly itself.
-            if let Some(other) = self.least_loaded(&skip, rng, eligible)
+            if let Some(other) = self.least_loaded(&skip, rng, eligible, traffic)
                 && self.backends[other].slow_share(window).is_none()
             {
                 return Some(other);
@@ -744,6 +807,7 @@ impl Pool {
         tried: &[usize],
         rng: &mut fastrand::Rng,
         eligible: fn(&Backend) -> bool,
+        traffic: Traffic,
     ) -> Option<usize> {
         let mut best: Option<usize> = None;
         let mut ties = 0u32;
@@ -756,7 +820,7 @@ impl Pool {
                 ties = 1;
                 continue;
             };
-            match compare_load(backend, &self.backends[current]) {
+            match compare_load(backend, &self.backends[current], traffic) {
                 std::cmp::Ordering::Less => {
                     best = Some(i);
                     ties = 1;
@@ -777,9 +841,13 @@ impl Pool {
 }
 
 /// Compares load/weight of two backends without division: a/wa < b/wb ⇔ a·wb < b·wa.
-fn compare_load(a: &Backend, b: &Backend) -> std::cmp::Ordering {
-    let left = u128::from(a.pick_load()) * u128::from(b.weight());
-    let right = u128::from(b.pick_load()) * u128::from(a.weight());
+fn compare_load(a: &Backend, b: &Backend, traffic: Traffic) -> std::cmp::Ordering {
+    let load = |x: &Backend| match traffic {
+        Traffic::Tunnel => x.pick_load(),
+        Traffic::Http => x.http_active.load(Ordering::Relaxed),
+    };
+    let left = u128::from(load(a)) * u128::from(b.weight());
+    let right = u128::from(load(b)) * u128::from(a.weight());
     left.cmp(&right)
 }
 

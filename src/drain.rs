@@ -47,7 +47,14 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
         let snapshot = state.load();
         rebalancing.retain(|name, _| snapshot.pools.contains_key(name));
         for pool in snapshot.pools.values() {
-            let Some(config) = &pool.settings.rebalance else {
+            // Sticky pools place by key or cookie: moving their tunnels would
+            // only bring them back.
+            let Some(config) = pool
+                .settings
+                .rebalance
+                .as_ref()
+                .filter(|_| pool.settings.sticky.is_none())
+            else {
                 rebalancing.remove(&pool.name);
                 continue;
             };

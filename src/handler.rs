@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cluster::Cluster;
+use crate::forward::{ProxyBody, full};
 use crate::handshake::{self, Rejection};
 use crate::metrics::{self as m, PoolMetrics};
 use crate::presence::{self, PresenceEntry};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// One permit per client connection, held from accept to the end of its tunnel.
     pub permits: Arc<Semaphore>,
+    /// Pooled connections for plain HTTP requests (`http = "proxy"`).
+    pub http: crate::forward::HttpClient,
 }
 
 /// Connection ids for logs, unique within the process.
@@ -76,22 +79,46 @@ struct Accepted {
     upgraded: Upgraded,
     user: Option<String>,
     client: OnUpgrade,
+    /// The sticky cookie the 101 sets, if any.
+    cookie: Option<http::HeaderValue>,
 }
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
 /// 101 with the tunnel started behind it.
 pub async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Shared,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<ProxyBody> {
+    if let Some(page) = page(&shared, &req) {
+        return full(page);
+    }
+    if shared.stopping.is_cancelled() {
+        return full(shutting_down());
+    }
+    if !handshake::is_upgrade(&req) {
+        let snapshot = shared.state.load();
+        if let Some(route) = snapshot.route(handshake::request_host(&req), req.uri().path())
+            && route.http_proxy
+        {
+            let user = match identity(route, &req) {
+                Ok(user) => user,
+                Err(refusal) => return full(*refusal.response),
+            };
+            return crate::forward::forward(req, peer, route, &shared.http, user).await;
+        }
+    }
+    full(upgrade_request(req, peer, shared, permit).await)
+}
+
+/// A WebSocket upgrade (or a request refused as one).
+async fn upgrade_request(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Shared,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<Full<Bytes>> {
-    if let Some(page) = page(&shared, &req) {
-        return page;
-    }
-    if shared.stopping.is_cancelled() {
-        return shutting_down();
-    }
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -175,9 +202,15 @@ async fn upgrade(
     validate(route, req)?;
     let user = identity(route, req)?;
     admit(route, instances)?;
+    let placement = crate::sticky::place(&route.pool, req);
+    if let Some(result) = placement.result {
+        metrics::counter!(m::STICKY, "pool" => route.pool.name.clone(), "result" => result)
+            .increment(1);
+    }
     let client = hyper::upgrade::on(&mut *req);
     let request = handshake::backend_request(req, peer, "http", user.as_deref());
-    let upgraded = ask_backends(route, request).await?;
+    let upgraded = ask_backends(route, request, placement.preferred).await?;
+    let cookie = placement.set_cookie(&route.pool, upgraded.index);
     span.record(
         "backend",
         tracing::field::display(&upgraded.guard.backend().addr),
@@ -188,6 +221,7 @@ async fn upgrade(
         upgraded,
         user,
         client,
+        cookie,
     })
 }
 
@@ -248,10 +282,11 @@ fn admit(route: &Route, instances: usize) -> Result<(), Refusal> {
 async fn ask_backends(
     route: &Route,
     request: Request<http_body_util::Empty<Bytes>>,
+    preferred: Option<usize>,
 ) -> Result<Upgraded, Refusal> {
     let pool = &route.pool;
     let mut rng = fastrand::Rng::new();
-    match upstream::open(pool, request, &mut rng).await {
+    match upstream::open(pool, request, &mut rng, preferred).await {
         Ok(Answer::Upgraded(upgraded)) => Ok(upgraded),
         Ok(Answer::Declined { response, backend }) => {
             tracing::info!(status = %response.status(), %backend, "backend declined the upgrade");
@@ -288,6 +323,7 @@ fn start_tunnel(
         upgraded,
         user,
         client,
+        cookie,
     } = accepted;
     let Upgraded {
         stream,
@@ -343,7 +379,13 @@ fn start_tunnel(
     }
     .instrument(span);
     shared.tracker.spawn(task);
-    handshake::switching_protocols(head)
+    let mut response = handshake::switching_protocols(head);
+    if let Some(cookie) = cookie {
+        response
+            .headers_mut()
+            .append(http::header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 /// One count per ended tunnel: who started the close and with which code.

@@ -78,6 +78,11 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
+/// Whether a request asks for a WebSocket upgrade at all.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), header::UPGRADE, "websocket")
+}
+
 /// Checks an HTTP/1.1 upgrade request against RFC 6455 §4.2.1.
 pub fn validate<B>(req: &Request<B>) -> Result<(), Rejection> {
     let headers = req.headers();
@@ -136,7 +141,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Connection` header names, and `Upgrade` (set again by the caller where it
 /// belongs). The usual `Connection: Upgrade` names nothing else and costs no
 /// allocation.
-fn keep_end_to_end(headers: &mut HeaderMap) {
+pub fn keep_end_to_end(headers: &mut HeaderMap) {
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
@@ -194,12 +199,36 @@ pub fn backend_request<B>(
 ) -> Request<Empty<Bytes>> {
     // The client's request is done with: its headers move, they are not copied.
     let mut headers = std::mem::take(req.headers_mut());
-    keep_end_to_end(&mut headers);
+    forwarded(&mut headers, peer, proto, user);
+    set_upgrade(&mut headers);
+    let mut target = http::uri::Parts::default();
+    target.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = http::Uri::from_parts(target).unwrap_or_default();
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The headers a request takes to a backend, in place: end-to-end ones only
+/// (hop-by-hop and `Upgrade` removed), the identity wsgate read as
+/// X-Wsgate-User (never the client's own), and X-Forwarded-For (appended),
+/// -Proto and -Host.
+pub fn forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    proto: &'static str,
+    user: Option<&str>,
+) {
+    keep_end_to_end(headers);
     headers.remove(USER_HEADER);
     if let Some(v) = user.and_then(|u| HeaderValue::from_str(u).ok()) {
         headers.insert(HeaderName::from_static(USER_HEADER), v);
     }
-    set_upgrade(&mut headers);
     let xff = header::HeaderName::from_static("x-forwarded-for");
     let peer_ip = peer.ip().to_string();
     let forwarded_for = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -216,17 +245,6 @@ pub fn backend_request<B>(
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    let mut target = http::uri::Parts::default();
-    target.path_and_query = Some(
-        req.uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let mut out = Request::new(Empty::new());
-    *out.uri_mut() = http::Uri::from_parts(target).unwrap_or_default();
-    *out.headers_mut() = headers;
-    out
 }
 
 /// The 101 returned to the client: the backend's headers (Sec-WebSocket-Accept,

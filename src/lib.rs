@@ -15,6 +15,8 @@
 //! | [`presence`] | identities, presence records and join/leave events |
 //! | [`closing`] | close waves: drains and shutdown spread their closes |
 //! | [`discovery`] | backends from DNS |
+//! | [`forward`] | plain HTTP on WebSocket routes (`http = "proxy"`) |
+//! | [`sticky`] | sticky placement: cookies, rendezvous hashing of a key |
 //! | [`drain`] | the task that starts drain waves and drops what finished leaving |
 //! | [`reload`] | what a reload changed (its log line), the config file watch |
 //! | [`health`] | active checks and passive ejection, with hysteresis |
@@ -32,6 +34,7 @@ pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod forward;
 pub mod frame;
 pub mod handler;
 pub mod handshake;
@@ -42,6 +45,7 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod sticky;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -318,6 +322,7 @@ impl Gateway {
             tracker: tracker.clone(),
             stopping: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            http: forward::client(),
         };
         let admin = Arc::new(admin::Admin {
             state: self.state.clone(),

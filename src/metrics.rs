@@ -23,6 +23,8 @@ pub const BYTES: &str = "wsgate_bytes_total";
 pub const CLOSES: &str = "wsgate_closes_total";
 pub const BACKEND_FAILURES: &str = "wsgate_backend_failures_total";
 pub const DNS_FAILURES: &str = "wsgate_dns_failures_total";
+pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
+pub const STICKY: &str = "wsgate_sticky_total";
 pub const BACKEND_UP: &str = "wsgate_backend_up";
 pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
@@ -100,6 +102,14 @@ fn describe() {
     describe_counter!(
         DNS_FAILURES,
         "Failed resolutions of DNS backend names (the last known addresses are kept)."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Plain HTTP requests proxied on routes with http = \"proxy\", by status class."
+    );
+    describe_counter!(
+        STICKY,
+        "Sticky placements: hit (back to its backend), miss (it could not take it), new."
     );
     describe_gauge!(
         BACKEND_UP,

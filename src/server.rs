@@ -175,8 +175,10 @@ async fn serve_h1<S>(
     stop: &CancellationToken,
 ) -> hyper::Result<()>
 where
-    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S: hyper::service::HttpService<Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

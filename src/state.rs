@@ -35,6 +35,8 @@ pub struct Route {
     /// The pool's metric handles, built with it.
     pub metrics: Arc<PoolMetrics>,
     pub identity: Option<IdentitySource>,
+    /// Plain HTTP requests are proxied to the pool (`http = "proxy"`).
+    pub http_proxy: bool,
 }
 
 impl Route {
@@ -121,6 +123,7 @@ impl Snapshot {
                     pool: pools.get(&r.pool)?.clone(),
                     metrics: metrics.get(r.pool.as_str())?.clone(),
                     identity: r.identity.clone(),
+                    http_proxy: r.http_proxy,
                 })
             })
             .collect();

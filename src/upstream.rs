@@ -119,6 +119,7 @@ pub async fn open(
     pool: &Pool,
     request: Request<Empty<Bytes>>,
     rng: &mut fastrand::Rng,
+    preferred: Option<usize>,
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
     let attempts = settings.retries + 1;
@@ -126,7 +127,12 @@ pub async fn open(
     let mut last_error = UpstreamError::NoBackend;
     let mut request = Some(request);
     for attempt in 1..=attempts {
-        let Some((index, guard)) = pool.pick(&tried, rng) else {
+        // The sticky backend first, while it can take it; then least-connections.
+        let sticky = preferred.filter(|_| attempt == 1).and_then(|i| {
+            pool.take(i, crate::balancer::Traffic::Tunnel)
+                .map(|g| (i, g))
+        });
+        let Some((index, guard)) = sticky.or_else(|| pool.pick(&tried, rng)) else {
             break;
         };
         tried.push(index);

@@ -36,6 +36,7 @@ pub const MAX_MAX_FAILS: u64 = 1000;
 pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const DNS_REFRESH: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// DNS is asked again at most this often, however short the records' TTL.
 pub const MIN_DNS_REFRESH: Duration = Duration::from_millis(100);
 

@@ -159,6 +159,29 @@ pub struct RouteConfig {
     pub pool: String,
     /// Where a connection's user id comes from, for presence.
     pub identity: Option<IdentitySource>,
+    /// `http = "proxy"`: plain HTTP requests are proxied to the pool too (Socket.IO
+    /// polling, SignalR negotiation); `"reject"` (the default): 426.
+    pub http_proxy: bool,
+}
+
+/// How a pool keeps a client on one backend (`[pool.NAME.sticky]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// `cookie = "NAME"`: the first response sets a cookie naming the backend by
+    /// an opaque token; later requests with it go back there.
+    Cookie(String),
+    /// `key = "..."`: weighted rendezvous hashing of a request key.
+    Key(StickyKey),
+}
+
+/// Where a sticky key is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    Query(String),
+    Header(http::HeaderName),
+    Cookie(String),
+    /// The request path (without the query).
+    Path,
 }
 
 /// Where the presence identity of a connection is read from in its upgrade request.
@@ -243,6 +266,9 @@ pub struct PoolConfig {
     /// How often DNS names are resolved again (sooner when the records' TTL is
     /// shorter).
     pub dns_refresh: Duration,
+    /// A proxied HTTP request's time for the backend's response head.
+    pub request_timeout: Duration,
+    pub sticky: Option<Sticky>,
 }
 
 /// A backend entry that stands for every address of a DNS name.
@@ -296,6 +322,8 @@ impl PoolConfig {
             rebalance: None,
             dns: Vec::new(),
             dns_refresh: defaults::DNS_REFRESH,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            sticky: None,
         }
     }
 }

@@ -65,6 +65,7 @@ pub(super) struct RawRoute {
     pub(super) path: Spanned<String>,
     pub(super) pool: Spanned<String>,
     pub(super) identity: Option<Spanned<String>>,
+    pub(super) http: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +87,14 @@ pub(super) struct RawPool {
     pub(super) dns_refresh: Option<Spanned<String>>,
     pub(super) health: Option<RawHealth>,
     pub(super) rebalance: Option<RawRebalance>,
+    pub(super) request_timeout: Option<Spanned<String>>,
+    pub(super) sticky: Option<RawSticky>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawSticky {
+    pub(super) cookie: Option<Spanned<String>>,
+    pub(super) key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -106,6 +106,63 @@ impl Report<'_> {
         admin
     }
 
+    fn sticky(&mut self, key: &str, raw: RawSticky) -> Option<Sticky> {
+        match (raw.cookie, raw.key) {
+            (Some(cookie), None) => {
+                let name = cookie.get_ref();
+                let valid = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if valid {
+                    Some(Sticky::Cookie(cookie.into_inner()))
+                } else {
+                    self.push(
+                        cookie.span(),
+                        format!("{key}.cookie"),
+                        format!("`{name}` is not a cookie name"),
+                        "use letters, digits, `-`, `_` and `.`, like \"wsgate\"",
+                    );
+                    None
+                }
+            }
+            (None, Some(k)) => {
+                let text = k.get_ref().trim();
+                let parsed = if text == "path" {
+                    Some(StickyKey::Path)
+                } else {
+                    IdentitySource::parse(text).map(|s| match s {
+                        IdentitySource::Query(n) => StickyKey::Query(n),
+                        IdentitySource::Header(h) => StickyKey::Header(h),
+                        IdentitySource::Cookie(c) => StickyKey::Cookie(c),
+                    })
+                };
+                if parsed.is_none() {
+                    self.push(
+                        k.span(),
+                        format!("{key}.key"),
+                        format!("`{text}` is not a sticky key"),
+                        "write \"query:NAME\", \"header:NAME\", \"cookie:NAME\" or \"path\"",
+                    );
+                }
+                parsed.map(Sticky::Key)
+            }
+            (cookie, key_) => {
+                let span = cookie
+                    .map(|c| c.span())
+                    .or(key_.map(|k| k.span()))
+                    .unwrap_or(0..0);
+                self.push(
+                    span,
+                    key.to_string(),
+                    "sticky needs exactly one of `cookie` and `key`".into(),
+                    "write cookie = \"NAME\" or key = \"query:NAME\" (or header:, cookie:, path)",
+                );
+                None
+            }
+        }
+    }
+
     fn rebalance(&mut self, key: &str, raw: RawRebalance) -> RebalanceConfig {
         let threshold = match raw.threshold {
             None => defaults::REBALANCE_THRESHOLD,
@@ -501,6 +558,15 @@ impl Report<'_> {
                 .rebalance
                 .map(|r| self.rebalance(&format!("{key}.rebalance"), r)),
             dns: dns_entries,
+            request_timeout: self.duration(
+                raw.request_timeout.as_ref(),
+                &format!("{key}.request_timeout"),
+                POSITIVE..=MAX_DURATION,
+                defaults::REQUEST_TIMEOUT,
+            ),
+            sticky: raw
+                .sticky
+                .and_then(|s| self.sticky(&format!("{key}.sticky"), s)),
             dns_refresh: self.duration(
                 raw.dns_refresh.as_ref(),
                 &format!("{key}.dns_refresh"),
@@ -577,11 +643,27 @@ impl Report<'_> {
                 parsed
             }
         };
+        let http_proxy = match raw.http.as_ref().map(|h| h.get_ref().as_str()) {
+            None | Some("reject") => false,
+            Some("proxy") => true,
+            Some(other) => {
+                ok = false;
+                let span = raw.http.as_ref().map(|h| h.span()).unwrap_or(0..0);
+                self.push(
+                    span,
+                    format!("{key}.http"),
+                    format!("`{other}` is not an HTTP mode"),
+                    "write \"proxy\" (plain HTTP goes to the pool too) or \"reject\" (426)",
+                );
+                false
+            }
+        };
         ok.then(|| RouteConfig {
             host,
             path: normalize_prefix(path),
             pool: pool.clone(),
             identity,
+            http_proxy,
         })
     }
 
