@@ -752,7 +752,8 @@ impl Pool {
         Some((i, ConnGuard::new(self.backends[i].clone(), Traffic::Tunnel)))
     }
 
-    /// The same for one plain HTTP request, balanced over HTTP requests in flight.
+    /// The same for one plain HTTP request, balanced over HTTP requests in flight
+    /// plus the connections each backend holds (not counted as a connection).
     pub fn pick_http(
         &self,
         tried: &[usize],
@@ -844,7 +845,9 @@ impl Pool {
 fn compare_load(a: &Backend, b: &Backend, traffic: Traffic) -> std::cmp::Ordering {
     let load = |x: &Backend| match traffic {
         Traffic::Tunnel => x.pick_load(),
-        Traffic::Http => x.http_active.load(Ordering::Relaxed),
+        // A plain request often opens a session (Socket.IO polling, then its
+        // WebSocket): weigh the connections held as well as requests in flight.
+        Traffic::Http => x.http_active.load(Ordering::Relaxed) + x.active(),
     };
     let left = u128::from(load(a)) * u128::from(b.weight());
     let right = u128::from(load(b)) * u128::from(a.weight());

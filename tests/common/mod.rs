@@ -849,3 +849,136 @@ fn dns_reply(query: &[u8], ips: &[std::net::Ipv4Addr]) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+/// A backend that speaks plain HTTP and WebSocket on one port, like the
+/// frameworks' servers: every answer carries `x-backend: NAME`.
+/// `GET /hello` → its name; `POST /echo` → the body streamed back; `GET /hold?ms=N`
+/// → answers after N ms (a long poll); an upgrade → a WebSocket echo.
+pub struct HttpBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// TCP connections accepted.
+    pub accepted: Arc<AtomicUsize>,
+    /// Requests (HTTP and upgrades) served.
+    pub requests: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl HttpBackend {
+    pub async fn start(name: &str) -> HttpBackend {
+        use http_body_util::BodyExt;
+        use hyper::body::Incoming;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend = HttpBackend {
+            addr: listener.local_addr().expect("addr"),
+            name: name.to_string(),
+            accepted: Arc::default(),
+            requests: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let (accepted, requests, stop) = (
+            backend.accepted.clone(),
+            backend.requests.clone(),
+            backend.stop.clone(),
+        );
+        let name = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (name, requests) = (name.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                            let name = name.clone();
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                let mut response = if let Some(key) =
+                                    req.headers().get("sec-websocket-key").cloned()
+                                {
+                                    let accept =
+                                        tungstenite::handshake::derive_accept_key(key.as_bytes());
+                                    let upgrade = hyper::upgrade::on(&mut req);
+                                    tokio::spawn(async move {
+                                        if let Ok(upgraded) = upgrade.await {
+                                            let mut ws = WebSocketStream::from_raw_socket(
+                                                hyper_util::rt::TokioIo::new(upgraded),
+                                                tungstenite::protocol::Role::Server,
+                                                None,
+                                            )
+                                            .await;
+                                            while let Some(Ok(m)) = ws.next().await {
+                                                if (m.is_text() || m.is_binary())
+                                                    && ws.send(m).await.is_err()
+                                                {
+                                                    break;
+                                                }
+                                            }
+                                        }
+                                    });
+                                    hyper::Response::builder()
+                                        .status(101)
+                                        .header("upgrade", "websocket")
+                                        .header("connection", "Upgrade")
+                                        .header("sec-websocket-accept", accept)
+                                        .body(
+                                            http_body_util::Full::new(bytes::Bytes::new())
+                                                .map_err(|never| match never {})
+                                                .boxed(),
+                                        )
+                                        .unwrap()
+                                } else {
+                                    match (req.method().as_str(), req.uri().path()) {
+                                        ("POST", "/echo") => {
+                                            hyper::Response::new(req.into_body().boxed())
+                                        }
+                                        ("GET", "/hold") => {
+                                            let ms: u64 = req
+                                                .uri()
+                                                .query()
+                                                .and_then(|q| q.strip_prefix("ms="))
+                                                .and_then(|v| v.parse().ok())
+                                                .unwrap_or(0);
+                                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                                            hyper::Response::new(
+                                                http_body_util::Full::new(bytes::Bytes::from(
+                                                    "held",
+                                                ))
+                                                .map_err(|never| match never {})
+                                                .boxed(),
+                                            )
+                                        }
+                                        _ => hyper::Response::new(
+                                            http_body_util::Full::new(bytes::Bytes::from(
+                                                name.clone(),
+                                            ))
+                                            .map_err(|never| match never {})
+                                            .boxed(),
+                                        ),
+                                    }
+                                };
+                                response
+                                    .headers_mut()
+                                    .insert("x-backend", HeaderValue::from_str(&name).unwrap());
+                                Ok::<_, hyper::Error>(response)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        backend
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
