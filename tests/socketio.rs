@@ -94,11 +94,23 @@ async fn socket_io_clients_work_through_wsgate_with_sticky_cookies() {
     let report = clients(&format!("http://{}", sticky.addr)).await;
     eprintln!("with sticky cookies: {report}");
     assert_eq!(report["connected"], 30, "{report}");
-    assert_eq!(report["upgraded"], 30, "every session upgraded to WebSocket: {report}");
+    assert_eq!(
+        report["upgraded"], 30,
+        "every session upgraded to WebSocket: {report}"
+    );
     let servers_used = report["servers"].as_object().map_or(0, |s| s.len());
-    assert_eq!(servers_used, 3, "the sessions spread over the 3 servers: {report}");
-    assert_eq!(report["received"], 30, "the broadcast reached all 30: {report}");
-    assert!(report["errors"].as_array().is_some_and(|e| e.is_empty()), "{report}");
+    assert_eq!(
+        servers_used, 3,
+        "the sessions spread over the 3 servers: {report}"
+    );
+    assert_eq!(
+        report["received"], 30,
+        "the broadcast reached all 30: {report}"
+    );
+    assert!(
+        report["errors"].as_array().is_some_and(|e| e.is_empty()),
+        "{report}"
+    );
 
     // Without stickiness, what a user sees: polling requests of one session land
     // on servers that do not know it, and sessions fail.
