@@ -55,7 +55,7 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let backends = vec![
+        let backends = [
             EchoBackend::start().await,
             EchoBackend::start().await,
             EchoBackend::start().await,

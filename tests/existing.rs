@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
@@ -368,6 +368,13 @@ async fn rooms(sticky: &str) -> Vec<(usize, u64)> {
 async fn path_affinity_puts_each_room_on_one_backend() {
     let with = rooms("[pool.relay.sticky]\nkey = \"path\"\n").await;
     assert!(with.iter().all(|r| *r == (1, 1)), "with affinity: {with:?}");
+    // Without it, least-connections spreads each room's members: every backend
+    // they landed on subscribes (two or three per room here).
     let without = rooms("").await;
-    assert!(without.iter().all(|r| *r == (3, 3)), "without: {without:?}");
+    assert!(
+        without
+            .iter()
+            .all(|(on, subs)| *on >= 2 && *subs == *on as u64),
+        "without: {without:?}"
+    );
 }
