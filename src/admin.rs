@@ -29,6 +29,8 @@ pub struct Admin {
     pub draining: CancellationToken,
     /// Whether the cluster uses Redis (else `wsgate_redis_up` is not reported).
     pub redis: bool,
+    /// The TLS listeners' certificates, for their expiry.
+    pub certificates: Option<Arc<crate::tls::Certificates>>,
 }
 
 /// Serves admin requests on `listener` until `stop`.
@@ -170,6 +172,9 @@ impl Admin {
             metrics::gauge!(m::REDIS_UP).set(if self.cluster.is_up() { 1.0 } else { 0.0 });
         }
         metrics::gauge!(m::INSTANCES).set(self.cluster.instances() as f64);
+        for (name, left) in self.certificates.iter().flat_map(|c| c.expiries()) {
+            metrics::gauge!(m::TLS_EXPIRY, "name" => name).set(left);
+        }
         let mut response = Response::new(Full::new(Bytes::from(m::handle().render())));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

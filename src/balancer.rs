@@ -612,6 +612,8 @@ pub struct Pool {
     pub settings: PoolConfig,
     /// This instance's share of `max_upgrade_rate`, when the pool has one.
     pub admission: Option<Admission>,
+    /// The rustls client config of `[pool.NAME.tls]` (built once, with the pool).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A token bucket holding this instance's share of a pool's `max_upgrade_rate`:
@@ -702,6 +704,14 @@ impl Pool {
             backends,
             settings: settings.clone(),
             admission: settings.max_upgrade_rate.map(Admission::new),
+            tls: settings.tls.as_ref().and_then(|t| match crate::tls::client_config(t) {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    // Validation loaded it already; it changed on disk since.
+                    tracing::error!(pool = name, error = %crate::Chain(&e), "backend TLS unusable");
+                    None
+                }
+            }),
         }
     }
 
@@ -722,6 +732,7 @@ impl Pool {
             backends,
             settings: previous.settings.clone(),
             admission: None,
+            tls: previous.tls.clone(),
         })
     }
 

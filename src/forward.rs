@@ -56,6 +56,7 @@ pub async fn forward(
     route: &Route,
     client: &HttpClient,
     user: Option<String>,
+    proto: &'static str,
 ) -> Response<ProxyBody> {
     let pool = &route.pool;
     let placement = crate::sticky::place(pool, &req);
@@ -63,7 +64,7 @@ pub async fn forward(
         metrics::counter!(m::STICKY, "pool" => pool.name.clone(), "result" => result).increment(1);
     }
     let (mut parts, body) = req.into_parts();
-    handshake::forwarded(&mut parts.headers, peer, "http", user.as_deref());
+    handshake::forwarded(&mut parts.headers, peer, proto, user.as_deref());
     let replayable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
         && body.is_end_stream();
     let attempts = if replayable {
@@ -104,7 +105,7 @@ pub async fn forward(
             Ok(Ok(response)) => {
                 backend.record_attempt(&pool.name, true, &pool.settings);
                 count(&pool.name, &backend.addr.to_string(), response.status());
-                let cookie = placement.set_cookie(pool, index);
+                let cookie = placement.set_cookie(pool, index, proto == "https");
                 return respond(response, guard, cookie);
             }
             Ok(Err(e)) => {

@@ -25,7 +25,7 @@ use crate::forward::{ProxyBody, full};
 use crate::handshake::{self, Rejection};
 use crate::metrics::{self as m, PoolMetrics};
 use crate::presence::{self, PresenceEntry};
-use crate::relay::{End, Guards, Limits, Meter, Outcome, Prepared, Side};
+use crate::relay::{End, Guards, Limits, Meter, Outcome, Polled, Prepared, Side};
 use crate::state::{Route, Snapshot, State};
 use crate::upstream::{self, Answer, Upgraded};
 
@@ -81,6 +81,8 @@ struct Accepted {
     client: OnUpgrade,
     /// The sticky cookie the 101 sets, if any.
     cookie: Option<http::HeaderValue>,
+    /// An HTTP/2 WebSocket (RFC 8441): answered 200, not 101.
+    h2: bool,
 }
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
@@ -90,6 +92,7 @@ pub async fn handle(
     peer: SocketAddr,
     shared: Shared,
     permit: Arc<OwnedSemaphorePermit>,
+    proto: &'static str,
 ) -> Response<ProxyBody> {
     if let Some(page) = page(&shared, &req) {
         return full(page);
@@ -106,10 +109,10 @@ pub async fn handle(
                 Ok(user) => user,
                 Err(refusal) => return full(*refusal.response),
             };
-            return crate::forward::forward(req, peer, route, &shared.http, user).await;
+            return crate::forward::forward(req, peer, route, &shared.http, user, proto).await;
         }
     }
-    full(upgrade_request(req, peer, shared, permit).await)
+    full(upgrade_request(req, peer, shared, permit, proto).await)
 }
 
 /// A WebSocket upgrade (or a request refused as one).
@@ -118,6 +121,7 @@ async fn upgrade_request(
     peer: SocketAddr,
     shared: Shared,
     permit: Arc<OwnedSemaphorePermit>,
+    proto: &'static str,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let snapshot = shared.state.load();
@@ -132,7 +136,7 @@ async fn upgrade_request(
     );
     let instances = shared.cluster.instances();
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
-    let accepted = upgrade(&mut req, peer, &snapshot, &span, instances)
+    let accepted = upgrade(&mut req, peer, &snapshot, &span, instances, proto)
         .instrument(span.clone())
         .await;
     drop(in_flight);
@@ -152,6 +156,9 @@ async fn upgrade_request(
                 .metrics
                 .upgrade
                 .record(started.elapsed().as_secs_f64());
+            let protocol = if accepted.h2 { "h2" } else { "h1" };
+            ::metrics::counter!(m::WEBSOCKETS, "pool" => accepted.route_pool.name.clone(), "protocol" => protocol)
+                .increment(1);
             start_tunnel(accepted, id, &shared, permit, span)
         }
         Err(refusal) => {
@@ -195,6 +202,7 @@ async fn upgrade(
     snapshot: &Snapshot,
     span: &tracing::Span,
     instances: usize,
+    proto: &'static str,
 ) -> Result<Accepted, Refusal> {
     let route = find_route(snapshot, req)?;
     span.record("route", route.path.as_str());
@@ -207,10 +215,27 @@ async fn upgrade(
         metrics::counter!(m::STICKY, "pool" => route.pool.name.clone(), "result" => result)
             .increment(1);
     }
+    let h2 = req.version() == http::Version::HTTP_2;
     let client = hyper::upgrade::on(&mut *req);
-    let request = handshake::backend_request(req, peer, "http", user.as_deref());
+    let request = handshake::backend_request(req, peer, proto, user.as_deref());
+    let key = request
+        .headers()
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec());
     let upgraded = ask_backends(route, request, placement.preferred).await?;
-    let cookie = placement.set_cookie(&route.pool, upgraded.index);
+    // The key was wsgate's own (HTTP/2): the backend's Accept must answer it.
+    if h2 && !key.is_some_and(|k| handshake::accept_matches(&upgraded.head, &k)) {
+        return Err(Refusal {
+            pool: route.pool.name.clone(),
+            backend: upgraded.guard.backend().addr.to_string(),
+            result: "backend_bad_answer",
+            response: Box::new(handshake::plain(
+                http::StatusCode::BAD_GATEWAY,
+                "the backend's Sec-WebSocket-Accept is wrong",
+            )),
+        });
+    }
+    let cookie = placement.set_cookie(&route.pool, upgraded.index, proto == "https");
     span.record(
         "backend",
         tracing::field::display(&upgraded.guard.backend().addr),
@@ -222,6 +247,7 @@ async fn upgrade(
         user,
         client,
         cookie,
+        h2,
     })
 }
 
@@ -324,6 +350,7 @@ fn start_tunnel(
         user,
         client,
         cookie,
+        h2,
     } = accepted;
     let Upgraded {
         stream,
@@ -364,22 +391,35 @@ fn start_tunnel(
                 return;
             }
         };
-        let Ok(client) = client.downcast::<TokioIo<TcpStream>>() else {
-            tracing::error!("client connection of an unexpected type");
-            return;
-        };
         tracing::debug!("tunnel open");
         let opened = Instant::now();
-        let outcome = tunnel
-            .run(client.io.into_inner(), client.read_buf, wave)
-            .await;
+        // Plain TCP takes the readiness fast path; TLS and HTTP/2 streams plug in
+        // through `Polled`.
+        type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+        let outcome = match client.downcast::<TokioIo<TcpStream>>() {
+            Ok(tcp) => tunnel.run(tcp.io.into_inner(), tcp.read_buf, wave).await,
+            Err(client) => match client.downcast::<TokioIo<Tls>>() {
+                Ok(tls) => {
+                    let io = Polled::new(tls.io.into_inner());
+                    tunnel.run(io, tls.read_buf, wave).await
+                }
+                Err(stream) => {
+                    let io = Polled::new(TokioIo::new(stream));
+                    tunnel.run(io, Bytes::new(), wave).await
+                }
+            },
+        };
         count_close(&pool.name, &outcome);
         metrics.connection.record(opened.elapsed().as_secs_f64());
         tracing::debug!(?outcome, "tunnel closed");
     }
     .instrument(span);
     shared.tracker.spawn(task);
-    let mut response = handshake::switching_protocols(head);
+    let mut response = if h2 {
+        handshake::h2_accepted(head)
+    } else {
+        handshake::switching_protocols(head)
+    };
     if let Some(cookie) = cookie {
         response
             .headers_mut()

@@ -78,13 +78,26 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// Whether a request asks for a WebSocket upgrade at all.
+/// Whether a request asks for a WebSocket at all: an HTTP/1.1 upgrade, or an
+/// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    has_token(req.headers(), header::UPGRADE, "websocket")
+    has_token(req.headers(), header::UPGRADE, "websocket") || is_extended_connect(req)
+}
+
+/// An RFC 8441 extended CONNECT for a WebSocket.
+pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
 /// Checks an HTTP/1.1 upgrade request against RFC 6455 §4.2.1.
 pub fn validate<B>(req: &Request<B>) -> Result<(), Rejection> {
+    if req.version() == Version::HTTP_2 {
+        return validate_h2(req);
+    }
     let headers = req.headers();
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Err(Rejection::NotWebSocket);
@@ -107,6 +120,25 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), Rejection> {
         ));
     }
     match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        None => Err(Rejection::Malformed("Sec-WebSocket-Version is missing")),
+        Some(v) if v.as_bytes().trim_ascii() == b"13" => Ok(()),
+        Some(_) => Err(Rejection::UnsupportedVersion),
+    }
+}
+
+/// Checks an HTTP/2 WebSocket request against RFC 8441 §4-5: an extended CONNECT
+/// with `:protocol = websocket`, a path and authority (hyper checks the scheme),
+/// and version 13.
+fn validate_h2<B>(req: &Request<B>) -> Result<(), Rejection> {
+    if !is_extended_connect(req) {
+        return Err(Rejection::NotWebSocket);
+    }
+    if req.uri().authority().is_none() || req.uri().path().is_empty() {
+        return Err(Rejection::Malformed(
+            "an extended CONNECT needs :authority and :path",
+        ));
+    }
+    match req.headers().get(header::SEC_WEBSOCKET_VERSION) {
         None => Err(Rejection::Malformed("Sec-WebSocket-Version is missing")),
         Some(v) if v.as_bytes().trim_ascii() == b"13" => Ok(()),
         Some(_) => Err(Rejection::UnsupportedVersion),
@@ -201,6 +233,20 @@ pub fn backend_request<B>(
     let mut headers = std::mem::take(req.headers_mut());
     forwarded(&mut headers, peer, proto, user);
     set_upgrade(&mut headers);
+    if req.version() == Version::HTTP_2 {
+        // An HTTP/2 WebSocket becomes an HTTP/1.1 upgrade: wsgate makes the key
+        // (and checks the backend's Accept against it), the authority is Host.
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+        if let Some(authority) = req.uri().authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+            headers.insert(header::HOST, v);
+        }
+    }
     let mut target = http::uri::Parts::default();
     target.path_and_query = Some(
         req.uri()
@@ -257,6 +303,26 @@ pub fn switching_protocols(backend: http::response::Parts) -> Response<Full<Byte
     set_upgrade(&mut headers);
     *response.headers_mut() = headers;
     response
+}
+
+/// The answer to an HTTP/2 WebSocket once the backend said 101 (RFC 8441 §5):
+/// 200, the backend's end-to-end headers (subprotocol, extensions, cookies), none
+/// of the HTTP/1.1 upgrade's own.
+pub fn h2_accepted(backend: http::response::Parts) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::default());
+    let mut headers = backend.headers;
+    keep_end_to_end(&mut headers);
+    headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Whether a 101's `Sec-WebSocket-Accept` answers `key` (RFC 6455 §4.2.2).
+pub fn accept_matches(head: &http::response::Parts, key: &[u8]) -> bool {
+    let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    head.headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes() == expected.as_bytes())
 }
 
 /// A backend's non-101 answer, passed back as it was (less hop-by-hop headers).

@@ -15,6 +15,7 @@
 //! | [`presence`] | identities, presence records and join/leave events |
 //! | [`closing`] | close waves: drains and shutdown spread their closes |
 //! | [`discovery`] | backends from DNS |
+//! | [`tls`] | rustls: certificates by SNI, reloaded live; wss to backends |
 //! | [`forward`] | plain HTTP on WebSocket routes (`http = "proxy"`) |
 //! | [`sticky`] | sticky placement: cookies, rendezvous hashing of a key |
 //! | [`drain`] | the task that starts drain waves and drops what finished leaving |
@@ -46,6 +47,7 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod sticky;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -84,6 +86,8 @@ pub struct Listeners {
     pub server: Vec<TcpListener>,
     /// The admin listener, when `[admin] listen` is set.
     pub admin: Option<TcpListener>,
+    /// One per `[tls] listen` address, in the same order.
+    pub tls: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -97,7 +101,11 @@ impl Listeners {
             Some(addr) => Some(server::bind(addr)?),
             None => None,
         };
-        Ok(Listeners { server, admin })
+        let mut tls = Vec::new();
+        for addr in config.tls.iter().flat_map(|t| &t.listen) {
+            tls.push(server::bind(*addr)?);
+        }
+        Ok(Listeners { server, admin, tls })
     }
 }
 
@@ -106,6 +114,8 @@ impl Listeners {
 pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("the TLS certificates")]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -123,6 +133,39 @@ pub struct Gateway {
     page: Option<&'static str>,
     /// What `run` started, for reloads to change.
     running: Mutex<Option<Running>>,
+    /// The certificates of the TLS listeners and the rustls config built from
+    /// them, swapped by a reload.
+    tls: Option<TlsState>,
+}
+
+/// The TLS listeners' certificates and server config.
+#[derive(Clone)]
+struct TlsState {
+    certificates: Arc<tls::Certificates>,
+    config: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+}
+
+impl TlsState {
+    /// Loads the certificate files again; a broken one keeps the running set.
+    fn reload(&self, state: &State) {
+        let Some(tls) = &state.load().config.tls else {
+            return;
+        };
+        let loaded = self
+            .certificates
+            .reload(tls)
+            .and_then(|()| tls::server_config(tls, self.certificates.clone()));
+        match loaded {
+            Ok(config) => {
+                self.config.store(config);
+                tracing::info!("TLS certificates reloaded");
+            }
+            Err(e) => tracing::error!(
+                "TLS certificates not reloaded, keeping the running ones: {}",
+                Chain(&e)
+            ),
+        }
+    }
 }
 
 /// The listeners `run` serves and the connection limit, as a reload finds them.
@@ -130,6 +173,9 @@ struct Running {
     shared: handler::Shared,
     /// Configured address → the stop of its accept loop.
     listeners: BTreeMap<std::net::SocketAddr, CancellationToken>,
+    /// The same for the TLS listeners.
+    tls_listeners: BTreeMap<std::net::SocketAddr, CancellationToken>,
+    tls_config: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
     /// The admin listener's configured address and the stop of its loop.
     admin_listener: Option<(std::net::SocketAddr, CancellationToken)>,
     admin: Arc<admin::Admin>,
@@ -146,6 +192,20 @@ impl Running {
         self.listeners.insert(addr, stop.clone());
         self.loops
             .spawn(server::serve_until(listener, stop, self.shared.clone()));
+    }
+
+    fn start_tls_listener(&mut self, addr: std::net::SocketAddr, listener: TcpListener) {
+        let Some(config) = self.tls_config.clone() else {
+            return;
+        };
+        let stop = self.shared.stopping.child_token();
+        self.tls_listeners.insert(addr, stop.clone());
+        self.loops.spawn(server::serve_tls(
+            listener,
+            stop,
+            self.shared.clone(),
+            config,
+        ));
     }
 
     fn start_admin(
@@ -184,13 +244,25 @@ impl Running {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Result<Gateway, ClusterError> {
+    pub fn new(config: &Config) -> Result<Gateway, StartError> {
         metrics::handle();
+        let tls = match &config.tls {
+            Some(t) => {
+                let certificates = tls::Certificates::new(tls::load_all(t)?);
+                let server = tls::server_config(t, certificates.clone())?;
+                Some(TlsState {
+                    certificates,
+                    config: Arc::new(arc_swap::ArcSwap::new(server)),
+                })
+            }
+            None => None,
+        };
         Ok(Gateway {
             state: Arc::new(State::new(config)),
             cluster: Cluster::new(&config.cluster)?,
             page: None,
             running: Mutex::new(None),
+            tls,
         })
     }
 
@@ -205,6 +277,7 @@ impl Gateway {
         let old = self.state.load();
         // Everything that can fail, first.
         let mut bound = Vec::new();
+        let mut tls_bound = Vec::new();
         let mut admin_bound = None;
         if let Some(running) = running.as_ref() {
             for addr in &config.server.listen {
@@ -216,6 +289,15 @@ impl Gateway {
                     bound.push((*addr, listener));
                 }
             }
+            for addr in config.tls.iter().flat_map(|t| &t.listen) {
+                if !running.tls_listeners.contains_key(addr) {
+                    let listener = server::bind(*addr).map_err(|source| ReloadError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                    tls_bound.push((*addr, listener));
+                }
+            }
             let admin_at = running.admin_listener.as_ref().map(|(a, _)| *a);
             if let Some(addr) = config.admin.listen
                 && admin_at != Some(addr)
@@ -224,6 +306,14 @@ impl Gateway {
                     server::bind(addr).map_err(|source| ReloadError::Bind { addr, source })?;
                 admin_bound = Some((addr, listener));
             }
+        }
+        // New certificates (and versions, ALPN) for new TLS handshakes; a broken
+        // file refuses the reload and keeps the running ones.
+        if let (Some(state), Some(t)) = (&self.tls, &config.tls) {
+            state.certificates.reload(t)?;
+            state
+                .config
+                .store(tls::server_config(t, state.certificates.clone())?);
         }
         let changes = self.state.reload(config);
         let mut summary = reload::Summary::new(&old.config, config, &changes);
@@ -241,6 +331,22 @@ impl Gateway {
             }
             for (addr, listener) in bound {
                 running.start_listener(addr, listener);
+            }
+            let tls_wanted: Vec<std::net::SocketAddr> =
+                config.tls.iter().flat_map(|t| t.listen.clone()).collect();
+            let gone: Vec<_> = running
+                .tls_listeners
+                .keys()
+                .filter(|a| !tls_wanted.contains(a))
+                .copied()
+                .collect();
+            for addr in gone {
+                if let Some(stop) = running.tls_listeners.remove(&addr) {
+                    stop.cancel();
+                }
+            }
+            for (addr, listener) in tls_bound {
+                running.start_tls_listener(addr, listener);
             }
             if running.admin_listener.as_ref().map(|(a, _)| *a) != config.admin.listen {
                 if let Some((_, stop)) = running.admin_listener.take() {
@@ -279,6 +385,15 @@ impl Gateway {
         self
     }
 
+    /// Loads the TLS certificates again (their files changed on disk): new
+    /// handshakes get them, open connections go on; a broken file keeps the
+    /// running ones and says why.
+    pub fn reload_certificates(&self) {
+        if let Some(tls) = &self.tls {
+            tls.reload(&self.state);
+        }
+    }
+
     /// Whether [`Gateway::run`] has started serving (and not yet returned).
     pub fn is_serving(&self) -> bool {
         self.running
@@ -314,6 +429,24 @@ impl Gateway {
         background.spawn(health::run(self.state.clone(), stop_background.clone()));
         background.spawn(drain::run(self.state.clone(), stop_background.clone()));
         background.spawn(discovery::run(self.state.clone(), stop_background.clone()));
+        // Certificate files replaced on disk are served to new handshakes.
+        let certificate_files: Vec<std::path::PathBuf> = config
+            .tls
+            .iter()
+            .flat_map(tls::Certificates::files)
+            .collect();
+        if let Some(tls) = self.tls.clone()
+            && !certificate_files.is_empty()
+        {
+            let state = self.state.clone();
+            if let Err(e) =
+                reload::watch_files(certificate_files, stop_background.clone(), move || {
+                    tls.reload(&state)
+                })
+            {
+                tracing::warn!(error = %e, "cannot watch the certificate files: reload to change them");
+            }
+        }
         background.close();
         let shared = handler::Shared {
             state: self.state.clone(),
@@ -329,11 +462,14 @@ impl Gateway {
             cluster: self.cluster.clone(),
             draining: shutdown.clone(),
             redis: config.cluster.redis.is_some(),
+            certificates: self.tls.as_ref().map(|t| t.certificates.clone()),
         });
         let loops = TaskTracker::new();
         let mut running = Running {
             shared: shared.clone(),
             listeners: BTreeMap::new(),
+            tls_listeners: BTreeMap::new(),
+            tls_config: self.tls.as_ref().map(|t| t.config.clone()),
             admin_listener: None,
             admin_root: stop_background.clone(),
             admin,
@@ -342,6 +478,11 @@ impl Gateway {
         };
         for (addr, listener) in config.server.listen.iter().zip(listeners.server) {
             running.start_listener(*addr, listener);
+        }
+        let tls_addrs: Vec<std::net::SocketAddr> =
+            config.tls.iter().flat_map(|t| t.listen.clone()).collect();
+        for (addr, listener) in tls_addrs.into_iter().zip(listeners.tls) {
+            running.start_tls_listener(addr, listener);
         }
         if let (Some(addr), Some(listener)) = (config.admin.listen, listeners.admin) {
             running.start_admin(addr, listener, &stop_background);
@@ -397,12 +538,21 @@ impl Gateway {
     }
 }
 
+/// Why a gateway could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("the TLS certificates")]
+    Tls(#[from] tls::TlsError),
+}
+
 /// Serves `config` on `listeners` until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
-) -> Result<(), ClusterError> {
+) -> Result<(), StartError> {
     Gateway::new(&config)?.run(listeners, shutdown).await;
     Ok(())
 }

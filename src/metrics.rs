@@ -25,6 +25,8 @@ pub const BACKEND_FAILURES: &str = "wsgate_backend_failures_total";
 pub const DNS_FAILURES: &str = "wsgate_dns_failures_total";
 pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const STICKY: &str = "wsgate_sticky_total";
+pub const WEBSOCKETS: &str = "wsgate_websockets_total";
+pub const TLS_EXPIRY: &str = "wsgate_tls_cert_expiry_seconds";
 pub const BACKEND_UP: &str = "wsgate_backend_up";
 pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
@@ -110,6 +112,14 @@ fn describe() {
     describe_counter!(
         STICKY,
         "Sticky placements: hit (back to its backend), miss (it could not take it), new."
+    );
+    describe_counter!(
+        WEBSOCKETS,
+        "WebSockets opened, by protocol: h1 (HTTP/1.1 upgrade) or h2 (RFC 8441 extended CONNECT)."
+    );
+    describe_gauge!(
+        TLS_EXPIRY,
+        "Seconds until each served certificate expires (by its first name)."
     );
     describe_gauge!(
         BACKEND_UP,

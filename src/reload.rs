@@ -191,45 +191,68 @@ pub fn watch(
     gateway: Arc<Gateway>,
     stop: CancellationToken,
 ) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let file = path.clone();
+    watch_files(vec![path], stop, move || {
+        if gateway.state().load().config.server.watch_config {
+            apply_file(&gateway, &file, "file change");
+        }
+    })
+}
+
+/// Calls `changed` when any of `paths` changes on disk (watched through their
+/// folders, debounced), until `stop`.
+pub fn watch_files(
+    paths: Vec<PathBuf>,
+    stop: CancellationToken,
+    changed: impl Fn() + Send + 'static,
+) -> notify::Result<tokio::task::JoinHandle<()>> {
     use notify::Watcher;
-    let changed = Arc::new(Notify::new());
-    let name = path.file_name().map(|n| n.to_os_string());
-    let signal = changed.clone();
+    let wake = Arc::new(Notify::new());
+    let names: Vec<std::ffi::OsString> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+        .collect();
+    let signal = wake.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let ours = event.is_ok_and(|e| {
             e.paths
                 .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+                .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
         });
         if ours {
             // A permit, not a queue: any number of events is one wake-up.
             signal.notify_one();
         }
     })?;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
+    let mut folders: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    folders.sort();
+    folders.dedup();
+    for folder in &folders {
+        watcher.watch(folder, notify::RecursiveMode::NonRecursive)?;
+    }
     Ok(tokio::spawn(async move {
         // The watcher lives as long as this task.
         let _watcher = watcher;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = changed.notified() => {}
+                _ = wake.notified() => {}
             }
             // Let the writes settle: further events within the pause restart it.
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = changed.notified() => continue,
+                    _ = wake.notified() => continue,
                     _ = tokio::time::sleep(DEBOUNCE) => break,
                 }
             }
-            if gateway.state().load().config.server.watch_config {
-                apply_file(&gateway, &path, "file change");
-            }
+            changed();
         }
     }))
 }

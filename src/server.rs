@@ -126,8 +126,11 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
         move |stream, peer, permit| {
             let shared = shared.clone();
             async move {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "set_nodelay");
+                }
                 if let Some(permit) = permit {
-                    serve_connection(stream, peer, shared, Arc::new(permit)).await;
+                    serve_connection(stream, peer, shared, Arc::new(permit), "http").await;
                 }
             }
         },
@@ -137,20 +140,20 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
 
 /// Serves one client connection: HTTP/1.1 with upgrades, its head read within
 /// `handshake_timeout` and bounded by `max_header_bytes`.
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     shared: Shared,
     permit: Arc<OwnedSemaphorePermit>,
-) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, error = %e, "set_nodelay");
-    }
+    proto: &'static str,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let settings = shared.state.load().config.server.clone();
     let stopping = shared.stopping.clone();
     let service = service_fn(move |req| {
         let (shared, permit) = (shared.clone(), permit.clone());
-        async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit).await) }
+        async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit, proto).await) }
     });
     let served = serve_h1(
         stream,
@@ -165,16 +168,96 @@ async fn serve_connection(
     }
 }
 
+/// Accepts TLS clients on `listener` until `stop`: the TLS handshake (within
+/// `handshake_timeout`), then HTTP/2 when the client chose `h2` by ALPN (WebSockets
+/// as extended CONNECT streams, RFC 8441), else HTTP/1.1.
+pub async fn serve_tls(
+    listener: TcpListener,
+    stop: CancellationToken,
+    shared: Shared,
+    config: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+) {
+    let (permits, tracker) = (Some(shared.permits.clone()), shared.tracker.clone());
+    accept_loop(
+        listener,
+        permits,
+        tracker,
+        stop,
+        "tls",
+        move |stream, peer, permit| {
+            // The config of the moment: a reload's certificates serve new handshakes.
+            let (shared, acceptor) = (
+                shared.clone(),
+                tokio_rustls::TlsAcceptor::from(config.load_full()),
+            );
+            async move {
+                let Some(permit) = permit else { return };
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "set_nodelay");
+                }
+                let limit = shared.state.load().config.server.handshake_timeout;
+                let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let permit = Arc::new(permit);
+                if h2 {
+                    serve_h2(tls, peer, shared, permit).await;
+                } else {
+                    serve_connection(tls, peer, shared, permit, "https").await;
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Serves HTTP/2 on a TLS stream, with extended CONNECT for WebSockets.
+async fn serve_h2<I>(stream: I, peer: SocketAddr, shared: Shared, permit: Arc<OwnedSemaphorePermit>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let stopping = shared.stopping.clone();
+    let service = service_fn(move |req| {
+        let (shared, permit) = (shared.clone(), permit.clone());
+        async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit, "https").await) }
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(TokioTimer::new()).enable_connect_protocol();
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        _ = stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
 /// Serves HTTP/1.1 with upgrades on `stream`; at `stop`, finishes the request in
 /// progress and closes.
-async fn serve_h1<S>(
-    stream: TcpStream,
+async fn serve_h1<I, S>(
+    stream: I,
     service: S,
     header_timeout: Duration,
     max_header_bytes: Option<usize>,
     stop: &CancellationToken,
 ) -> hyper::Result<()>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::ResBody: 'static,

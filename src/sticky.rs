@@ -43,13 +43,18 @@ impl Placement {
     }
 
     /// The `Set-Cookie` a response from backend `index` needs, if any.
-    pub fn set_cookie(&self, pool: &Pool, index: usize) -> Option<HeaderValue> {
+    /// `Secure` when the client came over TLS.
+    pub fn set_cookie(&self, pool: &Pool, index: usize, secure: bool) -> Option<HeaderValue> {
         let name = self.cookie.as_ref()?;
         let token = token(pool, index)?;
         if self.had.as_deref() == Some(token.as_str()) {
             return None;
         }
-        HeaderValue::from_str(&format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax")).ok()
+        let secure = if secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!(
+            "{name}={token}; Path=/; HttpOnly; SameSite=Lax{secure}"
+        ))
+        .ok()
     }
 }
 

@@ -15,6 +15,7 @@ use crate::balancer::{ConnGuard, Pool};
 use crate::config::BackendAddr;
 use crate::handshake;
 use crate::metrics as m;
+use crate::relay::{Polled, RelayIo};
 
 /// Largest non-101 response body passed back to a client.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -33,11 +34,55 @@ pub enum Answer {
 pub struct Upgraded {
     /// The backend's place in its pool.
     pub index: usize,
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// Bytes the backend sent right behind its 101.
     pub early: Bytes,
     pub head: http::response::Parts,
     pub guard: ConnGuard,
+}
+
+/// A backend connection: plain TCP (the relay's fast path), or TLS (`wss`).
+pub enum BackendStream {
+    Tcp(TcpStream),
+    Tls(Box<Polled<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl RelayIo for BackendStream {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self {
+            BackendStream::Tcp(s) => s.poll_read_into(cx, buf),
+            BackendStream::Tls(s) => s.poll_read_into(cx, buf),
+        }
+    }
+
+    fn poll_write(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self {
+            BackendStream::Tcp(s) => RelayIo::poll_write(s, cx, data),
+            BackendStream::Tls(s) => s.poll_write(cx, data),
+        }
+    }
+
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            BackendStream::Tcp(s) => RelayIo::try_write(s, data),
+            BackendStream::Tls(s) => s.try_write(data),
+        }
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            BackendStream::Tcp(s) => s.shutdown_write(),
+            BackendStream::Tls(s) => s.shutdown_write(),
+        }
+    }
 }
 
 /// Why no backend answered.
@@ -63,6 +108,12 @@ pub enum UpstreamError {
     },
     #[error("backend {addr} sent 101 but its connection could not be taken over")]
     Takeover { addr: BackendAddr },
+    #[error("TLS with backend {addr} failed")]
+    Tls {
+        addr: BackendAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl UpstreamError {
@@ -82,7 +133,8 @@ impl UpstreamError {
             | UpstreamError::ConnectTimeout { addr }
             | UpstreamError::HandshakeTimeout { addr }
             | UpstreamError::Unreadable { addr, .. }
-            | UpstreamError::Takeover { addr } => Some(addr),
+            | UpstreamError::Takeover { addr }
+            | UpstreamError::Tls { addr, .. } => Some(addr),
         }
     }
 
@@ -105,6 +157,7 @@ impl UpstreamError {
             UpstreamError::Unreadable { .. } | UpstreamError::Takeover { .. } => {
                 "backend_bad_answer"
             }
+            UpstreamError::Tls { .. } => "backend_tls",
         }
     }
 }
@@ -145,7 +198,7 @@ pub async fn open(
                 None => break,
             },
         };
-        match attempt_one(settings, this, index, guard).await {
+        match attempt_one(pool, this, index, guard).await {
             Ok(answer) => {
                 backend.record_attempt(&pool.name, true, settings);
                 return Ok(answer);
@@ -172,11 +225,12 @@ pub async fn open(
 
 /// One backend: connect, send the upgrade, read the answer, each within its time.
 async fn attempt_one(
-    settings: &crate::config::PoolConfig,
+    pool: &Pool,
     request: Request<Empty<Bytes>>,
     index: usize,
     guard: ConnGuard,
 ) -> Result<Answer, UpstreamError> {
+    let settings = &pool.settings;
     let addr = || guard.backend().addr.clone();
     let stream = match timeout(settings.connect_timeout, connect(&guard.backend().addr)).await {
         Ok(Ok(stream)) => stream,
@@ -189,12 +243,52 @@ async fn attempt_one(
         Err(_) => return Err(UpstreamError::ConnectTimeout { addr: addr() }),
     };
     let addr = addr();
-    timeout(
-        settings.handshake_timeout,
-        handshake(stream, request, index, guard),
-    )
-    .await
-    .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }))
+    let shaken =
+        async {
+            match (&pool.tls, &settings.tls) {
+                (Some(client), Some(tls)) => {
+                    let host = match &addr {
+                        BackendAddr::Ip(a) => a.ip().to_string(),
+                        BackendAddr::Name { host, .. } => host.clone(),
+                    };
+                    let Some(name) = crate::tls::server_name(tls, &host) else {
+                        return Err(UpstreamError::Tls {
+                            addr: addr.clone(),
+                            source: io::ErrorKind::InvalidInput.into(),
+                        });
+                    };
+                    let connector = tokio_rustls::TlsConnector::from(client.clone());
+                    let stream = connector.connect(name, stream).await.map_err(|source| {
+                        UpstreamError::Tls {
+                            addr: addr.clone(),
+                            source,
+                        }
+                    })?;
+                    handshake(stream, request, index, guard).await
+                }
+                _ => handshake(stream, request, index, guard).await,
+            }
+        };
+    timeout(settings.handshake_timeout, shaken)
+        .await
+        .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }))
+}
+
+/// Makes the relay's stream of a backend connection.
+trait IntoBackendStream {
+    fn into_backend(self) -> BackendStream;
+}
+
+impl IntoBackendStream for TcpStream {
+    fn into_backend(self) -> BackendStream {
+        BackendStream::Tcp(self)
+    }
+}
+
+impl IntoBackendStream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn into_backend(self) -> BackendStream {
+        BackendStream::Tls(Box::new(Polled::new(self)))
+    }
 }
 
 /// The same request again, for another backend.
@@ -220,12 +314,15 @@ pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
 /// Sends the upgrade request over `stream` and reads the answer. The connection
 /// future is driven here, in the request's own task: it ends when the 101 hands
 /// the socket over, or once a declining answer has been read whole.
-async fn handshake(
-    stream: TcpStream,
+async fn handshake<S>(
+    stream: S,
     request: Request<Empty<Bytes>>,
     index: usize,
     guard: ConnGuard,
-) -> Result<Answer, UpstreamError> {
+) -> Result<Answer, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + IntoBackendStream,
+{
     // The address is copied only when there is an error to report.
     let backend = guard.backend().clone();
     let addr = || backend.addr.clone();
@@ -258,12 +355,12 @@ async fn handshake(
         ended.map_err(unreadable)?;
         let upgraded = on_upgrade.await.map_err(unreadable)?;
         let parts = upgraded
-            .downcast::<TokioIo<TcpStream>>()
+            .downcast::<TokioIo<S>>()
             .map_err(|_| UpstreamError::Takeover { addr: addr() })?;
         let (head, _) = response.into_parts();
         return Ok(Answer::Upgraded(Upgraded {
             index,
-            stream: parts.io.into_inner(),
+            stream: parts.io.into_inner().into_backend(),
             early: parts.read_buf,
             head,
             guard,

@@ -34,8 +34,8 @@ pub enum DemoError {
     Broker(#[from] BrokerError),
     #[error("demo configuration")]
     Config(#[from] crate::ConfigError),
-    #[error("cluster")]
-    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("the gateway")]
+    Gateway(#[from] crate::StartError),
 }
 
 /// A running demo.

@@ -16,14 +16,17 @@ pub(super) struct Report<'a> {
     /// The same text parsed without types: where keys are, for errors.
     pub(super) table: Option<Spanned<DeTable<'a>>>,
     pub(super) problems: Vec<Problem>,
+    /// The config file's folder: relative certificate paths start there.
+    pub(super) base: std::path::PathBuf,
 }
 
 impl<'a> Report<'a> {
-    pub(super) fn new(text: &'a str) -> Self {
+    pub(super) fn new(text: &'a str, base: std::path::PathBuf) -> Self {
         Report {
             text,
             table: DeTable::parse(text).ok(),
             problems: Vec::new(),
+            base,
         }
     }
 

@@ -42,6 +42,44 @@ pub struct Config {
     /// `[resolver] nameservers`: where DNS backends are resolved; empty = the
     /// system's configuration (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
+    /// `[tls]`: TLS listeners and their certificates.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: listeners that speak TLS (and HTTP/2 by ALPN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Offer `h2` by ALPN (WebSockets over HTTP/2, RFC 8441).
+    pub http2: bool,
+    pub min_version: TlsVersion,
+    /// In order: the first is the default for unknown or missing SNI.
+    pub certs: Vec<CertPaths>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// One `[[tls.cert]]`: a PEM chain and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPaths {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// `[pool.NAME.tls]`: the pool's backends speak TLS (`wss`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// A PEM bundle of the CAs to trust; `None`: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// The name the backends' certificates must carry; `None`: each backend's host.
+    pub server_name: Option<String>,
+    /// A client certificate and key, when the backends ask for one.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/presence`.
@@ -269,6 +307,8 @@ pub struct PoolConfig {
     /// A proxied HTTP request's time for the backend's response head.
     pub request_timeout: Duration,
     pub sticky: Option<Sticky>,
+    /// `[pool.NAME.tls]`: connect to the backends over TLS.
+    pub tls: Option<BackendTls>,
 }
 
 /// A backend entry that stands for every address of a DNS name.
@@ -324,6 +364,7 @@ impl PoolConfig {
             dns_refresh: defaults::DNS_REFRESH,
             request_timeout: defaults::REQUEST_TIMEOUT,
             sticky: None,
+            tls: None,
         }
     }
 }
@@ -442,7 +483,11 @@ impl Config {
 
     /// Validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let mut report = Report::new(text);
+        let base = Path::new(path)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut report = Report::new(text, base);
         let raw = report.deserialize(text);
         let config = raw.map(|raw| report.validate(raw));
         match config {

@@ -16,6 +16,31 @@ pub(super) struct RawConfig {
     pub(super) cluster: Option<RawCluster>,
     pub(super) admin: Option<RawAdmin>,
     pub(super) resolver: Option<RawResolver>,
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawTls {
+    #[serde(default)]
+    pub(super) listen: Vec<Spanned<String>>,
+    pub(super) http2: Option<bool>,
+    pub(super) min_version: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) cert: Vec<Spanned<RawCert>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawCert {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawBackendTls {
+    pub(super) ca: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) cert: Option<Spanned<String>>,
+    pub(super) key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +114,7 @@ pub(super) struct RawPool {
     pub(super) rebalance: Option<RawRebalance>,
     pub(super) request_timeout: Option<Spanned<String>>,
     pub(super) sticky: Option<RawSticky>,
+    pub(super) tls: Option<RawBackendTls>,
 }
 
 #[derive(Deserialize)]

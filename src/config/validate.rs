@@ -38,6 +38,7 @@ impl Report<'_> {
                 routes.push(route);
             }
         }
+        let tls = raw.tls.and_then(|t| self.tls(t, &server));
         let cluster = self.cluster(raw.cluster);
         let admin = self.admin(raw.admin, &server);
         let mut nameservers = Vec::new();
@@ -65,6 +66,7 @@ impl Report<'_> {
             cluster,
             admin,
             nameservers,
+            tls,
         }
     }
 
@@ -104,6 +106,109 @@ impl Report<'_> {
         }
         admin.message_metrics = raw.message_metrics.unwrap_or(defaults::MESSAGE_METRICS);
         admin
+    }
+
+    /// `[tls]`: every certificate is loaded here, so `wsgate check` and a reload
+    /// report an unreadable file, a key that does not match its certificate or an
+    /// expired certificate, at the key's position.
+    fn tls(&mut self, raw: RawTls, server: &ServerConfig) -> Option<TlsConfig> {
+        let mut listen = Vec::new();
+        for (i, addr) in raw.listen.iter().enumerate() {
+            match addr.get_ref().parse::<SocketAddr>() {
+                Ok(a) if server.listen.contains(&a) && a.port() != 0 => self.push(
+                    addr.span(),
+                    format!("tls.listen[{i}]"),
+                    format!("{a} is also a [server] listen address"),
+                    "give TLS a port of its own, like \"0.0.0.0:8443\"",
+                ),
+                Ok(a) => listen.push(a),
+                Err(_) => self.push(
+                    addr.span(),
+                    format!("tls.listen[{i}]"),
+                    format!("`{}` is not an IP address with a port", addr.get_ref()),
+                    "write an IP address and port, like \"0.0.0.0:8443\"",
+                ),
+            }
+        }
+        let min_version = match raw.min_version.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("1.2") => TlsVersion::V1_2,
+            Some("1.3") => TlsVersion::V1_3,
+            Some(other) => {
+                let span = raw.min_version.as_ref().map(|v| v.span()).unwrap_or(0..0);
+                self.push(
+                    span,
+                    "tls.min_version",
+                    format!("`{other}` is not a TLS version wsgate offers"),
+                    "write \"1.2\" or \"1.3\"",
+                );
+                TlsVersion::V1_2
+            }
+        };
+        let mut certs = Vec::new();
+        for (i, entry) in raw.cert.into_iter().enumerate() {
+            let entry = entry.into_inner();
+            let paths = CertPaths {
+                cert: self.base.join(entry.cert.get_ref()),
+                key: self.base.join(entry.key.get_ref()),
+            };
+            if let Err(e) = crate::tls::load(&paths.cert, &paths.key) {
+                let span = match e {
+                    crate::tls::TlsError::NoKey { .. }
+                    | crate::tls::TlsError::BadKey { .. }
+                    | crate::tls::TlsError::Mismatch { .. } => entry.key.span(),
+                    crate::tls::TlsError::Read { ref path, .. } if *path == paths.key => {
+                        entry.key.span()
+                    }
+                    _ => entry.cert.span(),
+                };
+                self.push(
+                    span,
+                    format!("tls.cert[{i}]"),
+                    crate::Chain(&e).to_string(),
+                    "point cert at a PEM chain and key at its PKCS#8, RSA or EC key, both readable, the certificate not expired",
+                );
+            }
+            certs.push(paths);
+        }
+        if certs.is_empty() && !listen.is_empty() {
+            self.push(
+                0..0,
+                "tls.cert",
+                "TLS listeners need a certificate".into(),
+                "add [[tls.cert]] with cert = \"chain.pem\" and key = \"key.pem\"",
+            );
+        }
+        Some(TlsConfig {
+            listen,
+            http2: raw.http2.unwrap_or(true),
+            min_version,
+            certs,
+        })
+    }
+
+    fn backend_tls(&mut self, key: &str, raw: RawBackendTls) -> BackendTls {
+        let path = |p: &Option<Spanned<String>>| p.as_ref().map(|p| self.base.join(p.get_ref()));
+        let tls = BackendTls {
+            ca: path(&raw.ca),
+            server_name: raw.server_name.as_ref().map(|s| s.get_ref().clone()),
+            cert: path(&raw.cert),
+            key: path(&raw.key),
+        };
+        if let Err(e) = crate::tls::client_config(&tls) {
+            let span = raw
+                .ca
+                .as_ref()
+                .or(raw.cert.as_ref())
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            self.push(
+                span,
+                key.to_string(),
+                crate::Chain(&e).to_string(),
+                "point ca at a PEM bundle of CAs, and cert/key at a readable client certificate and key",
+            );
+        }
+        tls
     }
 
     fn sticky(&mut self, key: &str, raw: RawSticky) -> Option<Sticky> {
@@ -567,6 +672,7 @@ impl Report<'_> {
             sticky: raw
                 .sticky
                 .and_then(|s| self.sticky(&format!("{key}.sticky"), s)),
+            tls: raw.tls.map(|t| self.backend_tls(&format!("{key}.tls"), t)),
             dns_refresh: self.duration(
                 raw.dns_refresh.as_ref(),
                 &format!("{key}.dns_refresh"),

@@ -43,6 +43,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener, when the config has `[admin] listen`.
     pub admin: Option<SocketAddr>,
+    /// The first TLS listener, when the config has `[tls] listen`.
+    pub tls: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -66,6 +68,10 @@ impl Proxy {
             .admin
             .as_ref()
             .map(|l| l.local_addr().expect("admin addr"));
+        let tls = listeners
+            .tls
+            .first()
+            .map(|l| l.local_addr().expect("tls addr"));
         let gateway = Arc::new(Gateway::new(&config).expect("gateway"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -80,6 +86,7 @@ impl Proxy {
         Proxy {
             addr,
             admin,
+            tls,
             gateway,
             shutdown,
             task: Some(task),
