@@ -63,6 +63,10 @@ enum Command {
         /// The admin listener's port on 127.0.0.1 (/metrics, /backends, ...).
         #[arg(long, default_value_t = 9090)]
         admin_port: u16,
+        /// Also serve https and wss (HTTP/2 included) on 127.0.0.1:8443 with a
+        /// self-signed certificate made at start.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -101,12 +105,14 @@ fn main() -> ExitCode {
             redis,
             port,
             admin_port,
+            tls,
         } => {
             let options = DemoOptions {
                 port,
                 admin_port,
                 redis,
                 backends: 3,
+                tls_port: tls.then_some(8443),
             };
             runtime().and_then(|rt| rt.block_on(demo(options)))
         }

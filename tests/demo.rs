@@ -136,6 +136,8 @@ impl Browser {
                 "--disable-renderer-backgrounding",
                 "--window-size=900,700",
                 "--remote-debugging-port=0",
+                // The https test serves a self-signed certificate.
+                "--ignore-certificate-errors",
             ])
             .arg(format!("--user-data-dir={}", profile.0.display()))
             .arg("about:blank")
@@ -253,6 +255,7 @@ async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
             admin_port: 0,
             redis: None,
             backends: 3,
+            tls_port: None,
         },
         stop,
     )
@@ -336,4 +339,47 @@ async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
             "alice's tab to reconnect elsewhere after 1012",
         )
         .await;
+}
+
+#[tokio::test]
+async fn the_page_over_https_opens_its_websocket_over_http2() {
+    let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
+    let demo = start(
+        &DemoOptions {
+            port: 0,
+            admin_port: 0,
+            redis: None,
+            backends: 3,
+            tls_port: Some(0),
+        },
+        stop,
+    )
+    .await
+    .expect("demo");
+    let https = demo.tls.expect("an https listener");
+    assert!(
+        demo.banner().contains(&format!("https://{https}/")),
+        "{}",
+        demo.banner()
+    );
+    let mut browser = Browser::launch().await;
+    let carol = browser.open(&format!("https://{https}/?user=carol")).await;
+    let landed = "(() => { const b = document.getElementById('backend').textContent; return b.startsWith('backend-') ? b : ''; })()";
+    browser
+        .wait(&carol, landed, "carol's tab to land over wss")
+        .await;
+    browser
+        .eval(&carol, "document.getElementById('input').value = 'over h2'; document.getElementById('send').click(); true")
+        .await;
+    let arrived = "document.getElementById('messages').innerText.includes('over h2')";
+    browser.wait(&carol, arrived, "the message to cross").await;
+    let metrics = http_get_raw(demo.admin, "/metrics").await;
+    let h2 = metrics
+        .lines()
+        .find(|l| l.starts_with("wsgate_websockets_total") && l.contains("protocol=\"h2\""));
+    assert!(
+        h2.is_some_and(|l| !l.ends_with(" 0")),
+        "the browser's WebSocket went over HTTP/2 (RFC 8441): {metrics}"
+    );
 }

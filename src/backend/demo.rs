@@ -24,6 +24,9 @@ pub struct DemoOptions {
     /// Relay through Redis instead of in memory.
     pub redis: Option<String>,
     pub backends: usize,
+    /// Also serve the page and WebSockets over https/wss on this port of
+    /// 127.0.0.1 (0: any free port), with a self-signed certificate made at start.
+    pub tls_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum DemoError {
     Config(#[from] crate::ConfigError),
     #[error("the gateway")]
     Gateway(#[from] crate::StartError),
+    #[error("making the self-signed certificate")]
+    Certificate(#[from] rcgen::Error),
 }
 
 /// A running demo.
@@ -45,6 +50,8 @@ pub struct Demo {
     pub backends: Vec<(RelayBackend, SocketAddr)>,
     pub gateway: Arc<Gateway>,
     pub pubsub: String,
+    /// The https listener, with `tls_port`.
+    pub tls: Option<SocketAddr>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -63,14 +70,36 @@ impl Demo {
              \n               send any text; {{\"type\":\"whoami\"}} tells which backend you are on\
              \n  backends     {}\
              \n  pub/sub      {}\
-             \n  admin        http://{admin}/metrics  /backends  /presence  /readyz\n\
+             \n  admin        http://{admin}/metrics  /backends  /presence  /readyz{tls}\n\
              \nCtrl-C stops it.",
             backends.join(", "),
             self.pubsub,
             proxy = self.proxy,
             admin = self.admin,
+            tls = self.tls.map_or(String::new(), |t| format!(
+                "\n  https        https://{t}/   (a self-signed certificate: accept the browser's warning; \
+                 WebSockets go over HTTP/2 there)"
+            )),
         )
     }
+}
+
+/// A `[tls]` section with a self-signed certificate for `localhost` and
+/// `127.0.0.1`, written to a temporary folder.
+fn self_signed_tls(port: u16) -> Result<String, DemoError> {
+    let key = rcgen::KeyPair::generate()?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+    let dir = std::env::temp_dir().join(format!("wsgate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (c, k) = (dir.join("demo.pem"), dir.join("demo.key"));
+    std::fs::write(&c, cert.pem())?;
+    std::fs::write(&k, key.serialize_pem())?;
+    Ok(format!(
+        "[tls]\nlisten = [\"127.0.0.1:{port}\"]\n[[tls.cert]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        c.display(),
+        k.display()
+    ))
 }
 
 /// Starts the backends and the proxy; everything stops when `shutdown` is cancelled.
@@ -98,9 +127,17 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
         options.admin_port,
         list.join(", ")
     );
+    let text = match options.tls_port {
+        Some(port) => format!("{text}{}", self_signed_tls(port)?),
+        None => text,
+    };
     let config = Config::parse(&text, "(demo)")?;
     let listeners = Listeners::bind(&config).await?;
     let proxy = listeners.server[0].local_addr()?;
+    let tls = match listeners.tls.first() {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let admin = match &listeners.admin {
         Some(l) => l.local_addr()?,
         None => proxy,
@@ -119,6 +156,7 @@ pub async fn start(options: &DemoOptions, shutdown: CancellationToken) -> Result
             .redis
             .clone()
             .unwrap_or_else(|| "in memory".to_string()),
+        tls,
         done,
     })
 }
