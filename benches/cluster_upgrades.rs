@@ -20,26 +20,6 @@ fn config(backends: &[EchoBackend], cluster_toml: &str) -> String {
     )
 }
 
-/// `total` upgrades (open, then close cleanly) over `workers` concurrent clients.
-async fn upgrades(proxy: &Proxy, total: usize, workers: usize) -> f64 {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let url = proxy.url("/ws");
-        tasks.push(tokio::spawn(async move {
-            for i in 0..total / workers {
-                let mut ws = connect(&format!("{url}?user=w{w}-{i}")).await;
-                ws.close(None).await.expect("close");
-                close_code(&mut ws, Duration::from_secs(5)).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("worker");
-    }
-    (total / workers * workers) as f64 / started.elapsed().as_secs_f64()
-}
-
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (rounds, per_round) = if full { (5, 4000) } else { (1, 64) };
@@ -58,8 +38,11 @@ fn main() {
         let shared = Proxy::start(&config(&backends, &cluster(&redis.url(), "bench", "1s"))).await;
         let (mut local_rates, mut redis_rates) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            local_rates.push(upgrades(&local, per_round, 16).await);
-            redis_rates.push(upgrades(&shared, per_round, 16).await);
+            let (l, r) = (local.url("/ws"), shared.url("/ws"));
+            local_rates
+                .push(upgrade_rate(move |w, i| format!("{l}?user=w{w}-{i}"), per_round, 16).await);
+            redis_rates
+                .push(upgrade_rate(move |w, i| format!("{r}?user=w{w}-{i}"), per_round, 16).await);
         }
         local_rates.sort_by(f64::total_cmp);
         redis_rates.sort_by(f64::total_cmp);

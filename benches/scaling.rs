@@ -15,26 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `total` upgrades (open, then close cleanly) over `workers` concurrent clients.
-async fn upgrades(proxy: &Proxy, total: usize, workers: usize) -> f64 {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let url = proxy.url("/ws");
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..total / workers {
-                let mut ws = connect(&url).await;
-                ws.close(None).await.expect("close");
-                close_code(&mut ws, Duration::from_secs(5)).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("worker");
-    }
-    (total / workers * workers) as f64 / started.elapsed().as_secs_f64()
-}
-
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (rounds, per_round) = if full { (5, 4000) } else { (1, 64) };
@@ -82,8 +62,9 @@ fn main() {
         .await;
         let (mut plain_rates, mut featured_rates) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            plain_rates.push(upgrades(&plain, per_round, 16).await);
-            featured_rates.push(upgrades(&featured, per_round, 16).await);
+            let (p, f) = (plain.url("/ws"), featured.url("/ws"));
+            plain_rates.push(upgrade_rate(move |_, _| p.clone(), per_round, 16).await);
+            featured_rates.push(upgrade_rate(move |_, _| f.clone(), per_round, 16).await);
         }
         plain_rates.sort_by(f64::total_cmp);
         featured_rates.sort_by(f64::total_cmp);

@@ -394,17 +394,18 @@ fn start_tunnel(
         tracing::debug!("tunnel open");
         let opened = Instant::now();
         // Plain TCP takes the readiness fast path; TLS and HTTP/2 streams plug in
-        // through `Polled`.
+        // through `Polled`, boxed: this future is as large as its largest arm, and
+        // a TLS session inline would make every tunnel pay for it.
         type Tls = tokio_rustls::server::TlsStream<TcpStream>;
         let outcome = match client.downcast::<TokioIo<TcpStream>>() {
             Ok(tcp) => tunnel.run(tcp.io.into_inner(), tcp.read_buf, wave).await,
             Err(client) => match client.downcast::<TokioIo<Tls>>() {
                 Ok(tls) => {
-                    let io = Polled::new(tls.io.into_inner());
+                    let io = Box::new(Polled::new(tls.io.into_inner()));
                     tunnel.run(io, tls.read_buf, wave).await
                 }
                 Err(stream) => {
-                    let io = Polled::new(TokioIo::new(stream));
+                    let io = Box::new(Polled::new(TokioIo::new(stream)));
                     tunnel.run(io, Bytes::new(), wave).await
                 }
             },

@@ -215,6 +215,26 @@ impl RelayIo for TcpStream {
     }
 }
 
+/// A boxed stream relays as itself: a large stream (a TLS session) kept on the heap
+/// keeps the future of every tunnel small, the plain-TCP ones included.
+impl<T: RelayIo> RelayIo for Box<T> {
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        (**self).poll_read_into(cx, buf)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        (**self).poll_write(cx, data)
+    }
+
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        (**self).try_write(data)
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        (**self).shutdown_write()
+    }
+}
+
 /// Any `AsyncRead + AsyncWrite` stream (TLS, an HTTP/2 stream) as a relay stream.
 /// What such a stream buffers inside (a TLS record) is flushed after each write and,
 /// when that could not finish, at the next read poll, which every wake-up makes.

@@ -98,6 +98,13 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// Small messages go out at once (no Nagle delay); a failure only costs latency.
+fn nodelay(stream: &TcpStream, peer: SocketAddr) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay");
+    }
+}
+
 /// Errors about one connection that died in the queue, not about the listener.
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(
@@ -126,9 +133,7 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
         move |stream, peer, permit| {
             let shared = shared.clone();
             async move {
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, error = %e, "set_nodelay");
-                }
+                nodelay(&stream, peer);
                 if let Some(permit) = permit {
                     serve_connection(stream, peer, shared, Arc::new(permit), "http").await;
                 }
@@ -192,9 +197,7 @@ pub async fn serve_tls(
             );
             async move {
                 let Some(permit) = permit else { return };
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, error = %e, "set_nodelay");
-                }
+                nodelay(&stream, peer);
                 let limit = shared.state.load().config.server.handshake_timeout;
                 let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,

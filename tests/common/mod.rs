@@ -989,3 +989,29 @@ impl Drop for HttpBackend {
         self.stop.cancel();
     }
 }
+
+/// Upgrades per second: `total` upgrades (open, then close cleanly) over
+/// `workers` concurrent clients, worker `w`'s `i`-th to `url(w, i)`.
+pub async fn upgrade_rate(
+    url: impl Fn(usize, usize) -> String + Send + Sync + 'static,
+    total: usize,
+    workers: usize,
+) -> f64 {
+    let url = Arc::new(url);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..total / workers {
+                let mut ws = connect(&url(w, i)).await;
+                ws.close(None).await.expect("close");
+                close_code(&mut ws, Duration::from_secs(5)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    (total / workers * workers) as f64 / started.elapsed().as_secs_f64()
+}
