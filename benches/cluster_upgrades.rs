@@ -8,7 +8,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-
 use common::*;
 
 fn config(backends: &[EchoBackend], cluster_toml: &str) -> String {

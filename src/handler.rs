@@ -393,22 +393,10 @@ fn start_tunnel(
         };
         tracing::debug!("tunnel open");
         let opened = Instant::now();
-        // Plain TCP takes the readiness fast path; TLS and HTTP/2 streams plug in
-        // through `Polled`, boxed: this future is as large as its largest arm, and
-        // a TLS session inline would make every tunnel pay for it.
-        type Tls = tokio_rustls::server::TlsStream<TcpStream>;
-        let outcome = match client.downcast::<TokioIo<TcpStream>>() {
-            Ok(tcp) => tunnel.run(tcp.io.into_inner(), tcp.read_buf, wave).await,
-            Err(client) => match client.downcast::<TokioIo<Tls>>() {
-                Ok(tls) => {
-                    let io = Box::new(Polled::new(tls.io.into_inner()));
-                    tunnel.run(io, tls.read_buf, wave).await
-                }
-                Err(stream) => {
-                    let io = Box::new(Polled::new(TokioIo::new(stream)));
-                    tunnel.run(io, Bytes::new(), wave).await
-                }
-            },
+        let outcome = match client_stream(client) {
+            ClientStream::Tcp(tcp, early) => tunnel.run(tcp, early, wave).await,
+            ClientStream::Tls(tls, early) => tunnel.run(tls, early, wave).await,
+            ClientStream::Other(stream) => tunnel.run(stream, Bytes::new(), wave).await,
         };
         count_close(&pool.name, &outcome);
         metrics.connection.record(opened.elapsed().as_secs_f64());
@@ -427,6 +415,33 @@ fn start_tunnel(
             .append(http::header::SET_COOKIE, cookie);
     }
     response
+}
+
+/// The client's side of a tunnel, by kind.
+enum ClientStream {
+    /// Plain TCP: the readiness fast path; with the bytes read behind the request.
+    Tcp(TcpStream, Bytes),
+    /// TLS: through `Polled`.
+    Tls(
+        Box<Polled<tokio_rustls::server::TlsStream<TcpStream>>>,
+        Bytes,
+    ),
+    /// An HTTP/2 stream (or any other upgraded stream).
+    Other(Box<Polled<TokioIo<hyper::upgrade::Upgraded>>>),
+}
+
+/// Takes the client's stream out of hyper. A plain function, and boxed for TLS:
+/// the tunnel's task lives as long as the tunnel, and a TLS session held in it
+/// (even only by the layout of a match) would cost every tunnel its size.
+fn client_stream(upgraded: hyper::upgrade::Upgraded) -> ClientStream {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(tcp) => return ClientStream::Tcp(tcp.io.into_inner(), tcp.read_buf),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+        Ok(tls) => ClientStream::Tls(Box::new(Polled::new(tls.io.into_inner())), tls.read_buf),
+        Err(stream) => ClientStream::Other(Box::new(Polled::new(TokioIo::new(stream)))),
+    }
 }
 
 /// One count per ended tunnel: who started the close and with which code.

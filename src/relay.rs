@@ -509,16 +509,23 @@ impl<B: RelayIo> Prepared<B> {
         client_early: Bytes,
         wave: Arc<Wave>,
     ) -> Outcome {
+        // Built in a plain function: the parts never become locals of this future,
+        // which lives as long as the tunnel (an idle one pays for every byte of it).
+        let (mut tunnel, backend_early) = (*self).into_tunnel(client);
+        tunnel.run(client_early, backend_early, wave).await
+    }
+
+    /// Everything the relay keeps, in one box worked on in place: nothing big is
+    /// moved from one layer of the connection's future to the next.
+    fn into_tunnel<C: RelayIo>(self, client: C) -> (Box<Tunnel<C, B>>, Bytes) {
         let Prepared {
             backend,
             backend_early,
             limits,
             guards,
             meter,
-        } = *self;
-        // Everything the relay keeps lives in one box, worked on in place: nothing
-        // big is moved from one layer of the connection's future to the next.
-        let mut tunnel = Box::new(Tunnel {
+        } = self;
+        let tunnel = Box::new(Tunnel {
             client,
             backend,
             limits,
@@ -532,7 +539,7 @@ impl<B: RelayIo> Prepared<B> {
             closing: None,
             opened: Instant::now(),
         });
-        tunnel.run(client_early, backend_early, wave).await
+        (tunnel, backend_early)
     }
 }
 

@@ -491,6 +491,45 @@ fn main() {
             });
             println!("{report}");
         }
+        // Idle connections held against a running proxy, for its RSS:
+        // `cargo bench --bench loadgen -- idle 127.0.0.1:8080 5000 PID`.
+        Some("idle") => {
+            let addr: SocketAddr = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .expect("target address");
+            let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let pid: u32 = args
+                .get(3)
+                .and_then(|s| s.parse().ok())
+                .expect("the proxy's pid");
+            let rss = || {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+                    * 1024
+            };
+            let runtime = runtime();
+            runtime.block_on(async {
+                let warm = scenarios::open_many(&[addr], 100).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let before = rss();
+                let held = scenarios::open_many(&[addr], n).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let after = rss();
+                println!(
+                    "{} idle connections: {} bytes each",
+                    held.len(),
+                    (after.saturating_sub(before)) / held.len().max(1) as u64
+                );
+                drop((warm, held));
+            });
+        }
         Some("bare-relay") => {
             let listen = args[1].parse().expect("listen address");
             let backends = args[2..]
