@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # wsgate against no proxy, a bare TCP relay, HAProxy and NGINX, in one run on this
-# machine: installs HAProxy and NGINX (Debian's packages) when missing, builds in
-# release mode and prints one table with the targets' ratios.
+# machine, then wss against HAProxy terminating TLS: installs HAProxy and NGINX
+# (Debian's packages) when missing, builds in release mode and prints two tables
+# with the targets' ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +25,6 @@ fi
 ulimit -n "$(ulimit -Hn)"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)" >&2
 echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3)" >&2
-exec cargo bench --bench loadgen -- "$@"
+cargo bench --bench loadgen -- "$@"
+# TLS termination against HAProxy with the same ECDSA P-256 certificate.
+cargo bench --bench tls

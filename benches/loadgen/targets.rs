@@ -20,7 +20,7 @@ impl Drop for Process {
     }
 }
 
-fn spawn(command: &mut Command) -> Process {
+pub fn spawn(command: &mut Command) -> Process {
     let child = command
         .stdin(Stdio::null())
         .spawn()
