@@ -223,6 +223,11 @@ pub async fn serve_tls(
     .await
 }
 
+/// WebSocket streams one HTTP/2 connection may hold at once.
+const H2_MAX_STREAMS: u32 = 100;
+/// Each stream's receive window: what a backed-up stream may leave unread.
+const H2_STREAM_WINDOW: u32 = 128 * 1024;
+
 /// Serves HTTP/2 on a TLS stream, with extended CONNECT for WebSockets.
 async fn serve_h2<I>(stream: I, peer: SocketAddr, shared: Shared, permit: Arc<OwnedSemaphorePermit>)
 where
@@ -235,7 +240,15 @@ where
     });
     let mut builder =
         hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder.timer(TokioTimer::new()).enable_connect_protocol();
+    // Flow control: the connection window covers every stream's window, so a stream
+    // whose tunnel is backed up (its client or backend not reading) fills only its
+    // own window and never stalls the connection's other WebSockets.
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let served = tokio::select! {
