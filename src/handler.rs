@@ -218,23 +218,9 @@ async fn upgrade(
     let h2 = req.version() == http::Version::HTTP_2;
     let client = hyper::upgrade::on(&mut *req);
     let request = handshake::backend_request(req, peer, proto, user.as_deref());
-    let key = request
-        .headers()
-        .get(http::header::SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes().to_vec());
+    // The backend's 101 was checked against this request's offer (the key wsgate
+    // made for HTTP/2, or the client's own) in `upstream`.
     let upgraded = ask_backends(route, request, placement.preferred).await?;
-    // The key was wsgate's own (HTTP/2): the backend's Accept must answer it.
-    if h2 && !key.is_some_and(|k| handshake::accept_matches(&upgraded.head, &k)) {
-        return Err(Refusal {
-            pool: route.pool.name.clone(),
-            backend: upgraded.guard.backend().addr.to_string(),
-            result: "backend_bad_answer",
-            response: Box::new(handshake::plain(
-                http::StatusCode::BAD_GATEWAY,
-                "the backend's Sec-WebSocket-Accept is wrong",
-            )),
-        });
-    }
     let cookie = placement.set_cookie(&route.pool, upgraded.index, proto == "https");
     span.record(
         "backend",

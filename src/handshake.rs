@@ -317,12 +317,81 @@ pub fn h2_accepted(backend: http::response::Parts) -> Response<Full<Bytes>> {
     response
 }
 
-/// Whether a 101's `Sec-WebSocket-Accept` answers `key` (RFC 6455 §4.2.2).
-pub fn accept_matches(head: &http::response::Parts, key: &[u8]) -> bool {
-    let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
-    head.headers
-        .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == expected.as_bytes())
+/// What an upgrade request offered a backend: the 101 must answer exactly that.
+pub struct Offer {
+    accept: String,
+    protocols: Vec<String>,
+    extensions: Vec<String>,
+}
+
+/// Comma-separated items of every `name` header, trimmed, empty ones skipped.
+fn items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// An extension's name: its text before any parameters.
+fn extension_name(item: &str) -> &str {
+    item.split(';').next().unwrap_or(item).trim()
+}
+
+impl Offer {
+    /// The offer in the request about to go to a backend.
+    pub fn of<B>(request: &Request<B>) -> Offer {
+        let headers = request.headers();
+        let key = headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(|k| k.as_bytes())
+            .unwrap_or_default();
+        Offer {
+            accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key),
+            protocols: items(headers, header::SEC_WEBSOCKET_PROTOCOL)
+                .map(str::to_owned)
+                .collect(),
+            extensions: items(headers, header::SEC_WEBSOCKET_EXTENSIONS)
+                .map(|e| extension_name(e).to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Checks a backend's 101 against the offer (RFC 6455 §4.1, the client's
+    /// checks): `Upgrade: websocket`, `Connection: upgrade`, the Accept for this
+    /// key, at most one subprotocol and only one offered, only offered extensions.
+    /// The reason when it fails.
+    pub fn check(&self, head: &http::response::Parts) -> Result<(), &'static str> {
+        let headers = &head.headers;
+        let upgrade: Vec<&str> = items(headers, header::UPGRADE).collect();
+        if upgrade.len() != 1 || !upgrade[0].eq_ignore_ascii_case("websocket") {
+            return Err("the 101 does not upgrade to websocket");
+        }
+        if !has_token(headers, header::CONNECTION, "upgrade") {
+            return Err("the 101 has no Connection: upgrade");
+        }
+        let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+        match (accepts.next(), accepts.next()) {
+            (Some(a), None) if a.as_bytes() == self.accept.as_bytes() => {}
+            _ => return Err("the 101's Sec-WebSocket-Accept is wrong"),
+        }
+        let protocols: Vec<&str> = items(headers, header::SEC_WEBSOCKET_PROTOCOL).collect();
+        match protocols[..] {
+            [] => {}
+            [chosen] if self.protocols.iter().any(|p| p == chosen) => {}
+            _ => return Err("the 101 chose a subprotocol the client did not offer"),
+        }
+        let offered = |e: &str| {
+            let name = extension_name(e).to_ascii_lowercase();
+            self.extensions.contains(&name)
+        };
+        if !items(headers, header::SEC_WEBSOCKET_EXTENSIONS).all(offered) {
+            return Err("the 101 chose an extension the client did not offer");
+        }
+        Ok(())
+    }
 }
 
 /// A backend's non-101 answer, passed back as it was (less hop-by-hop headers).

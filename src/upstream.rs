@@ -108,6 +108,11 @@ pub enum UpstreamError {
     },
     #[error("backend {addr} sent 101 but its connection could not be taken over")]
     Takeover { addr: BackendAddr },
+    #[error("backend {addr} sent a 101 a client must refuse: {why}")]
+    BadAnswer {
+        addr: BackendAddr,
+        why: &'static str,
+    },
     #[error("TLS with backend {addr} failed")]
     Tls {
         addr: BackendAddr,
@@ -134,6 +139,7 @@ impl UpstreamError {
             | UpstreamError::HandshakeTimeout { addr }
             | UpstreamError::Unreadable { addr, .. }
             | UpstreamError::Takeover { addr }
+            | UpstreamError::BadAnswer { addr, .. }
             | UpstreamError::Tls { addr, .. } => Some(addr),
         }
     }
@@ -154,9 +160,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => "backend_refused",
             UpstreamError::ConnectTimeout { .. } => "backend_timeout",
             UpstreamError::HandshakeTimeout { .. } => "backend_timeout",
-            UpstreamError::Unreadable { .. } | UpstreamError::Takeover { .. } => {
-                "backend_bad_answer"
-            }
+            UpstreamError::Unreadable { .. }
+            | UpstreamError::Takeover { .. }
+            | UpstreamError::BadAnswer { .. } => "backend_bad_answer",
             UpstreamError::Tls { .. } => "backend_tls",
         }
     }
@@ -334,19 +340,27 @@ where
         .await
         .map_err(unreadable)?;
     let mut conn = conn.with_upgrades();
+    let offer = crate::handshake::Offer::of(&request);
     // The connection future may finish (handing the socket over after a 101) in the
     // same poll that delivers the response, so its result is kept, not taken as an
     // error.
     let send = sender.send_request(request);
     tokio::pin!(send);
     let mut conn_ended = None;
-    let mut response = loop {
+    let response = loop {
         tokio::select! {
             response = &mut send => break response.map_err(unreadable)?,
             ended = &mut conn, if conn_ended.is_none() => conn_ended = Some(ended),
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A 101 the client would have to refuse never reaches it: this backend
+        // failed, and the next may be asked.
+        let (head, _) = response.into_parts();
+        offer
+            .check(&head)
+            .map_err(|why| UpstreamError::BadAnswer { addr: addr(), why })?;
+        let mut response = Response::from_parts(head, ());
         let on_upgrade = hyper::upgrade::on(&mut response);
         let ended = match conn_ended {
             Some(ended) => ended,

@@ -1,0 +1,245 @@
+//! Hostile and broken input. Backends that answer a 101 a client must refuse:
+//! each is a failed handshake (502, `backend_bad_answer`, the next candidate
+//! tried), and an unrelated client's tunnel keeps echoing throughout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// A backend that answers every upgrade with `answer`, `{accept}` replaced by the
+/// right Sec-WebSocket-Accept for the request's key; counts what it accepted.
+struct ScriptedBackend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl ScriptedBackend {
+    async fn start(answer: &'static str) -> ScriptedBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let head = read_head(&mut stream).await;
+                    let key = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("sec-websocket-key")
+                                .then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                    let answer = answer.replace("{accept}", &accept);
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    // Hold the connection until wsgate closes it.
+                    let mut sink = [0u8; 256];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedBackend { addr, accepted }
+    }
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+
+/// A 101 with the given headers after the status line.
+fn answer(headers: &str) -> String {
+    format!("HTTP/1.1 101 Switching Protocols\r\n{headers}\r\n")
+}
+
+/// (name, the backend's answer, the client's extra request headers, whether a
+/// client must accept it)
+fn cases() -> Vec<(&'static str, String, &'static str, bool)> {
+    let ok = "Sec-WebSocket-Accept: {accept}\r\n";
+    vec![
+        (
+            "a right answer",
+            answer(&format!("{UPGRADE}{ok}")),
+            "",
+            true,
+        ),
+        ("no Accept", answer(UPGRADE), "", false),
+        (
+            "a wrong Accept",
+            answer(&format!(
+                "{UPGRADE}Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n"
+            )),
+            "",
+            false,
+        ),
+        (
+            "two Accepts",
+            answer(&format!("{UPGRADE}{ok}{ok}")),
+            "",
+            false,
+        ),
+        (
+            "Upgrade: h2c",
+            answer(&format!("Upgrade: h2c\r\nConnection: Upgrade\r\n{ok}")),
+            "",
+            false,
+        ),
+        (
+            "no Upgrade",
+            answer(&format!("Connection: Upgrade\r\n{ok}")),
+            "",
+            false,
+        ),
+        (
+            "no Connection: upgrade",
+            answer(&format!(
+                "Upgrade: websocket\r\nConnection: keep-alive\r\n{ok}"
+            )),
+            "",
+            false,
+        ),
+        (
+            "a subprotocol nobody offered",
+            answer(&format!("{UPGRADE}{ok}Sec-WebSocket-Protocol: chat\r\n")),
+            "",
+            false,
+        ),
+        (
+            "a subprotocol other than the offered ones",
+            answer(&format!("{UPGRADE}{ok}Sec-WebSocket-Protocol: mqtt\r\n")),
+            "Sec-WebSocket-Protocol: chat, json\r\n",
+            false,
+        ),
+        (
+            "two subprotocols",
+            answer(&format!(
+                "{UPGRADE}{ok}Sec-WebSocket-Protocol: chat, json\r\n"
+            )),
+            "Sec-WebSocket-Protocol: chat, json\r\n",
+            false,
+        ),
+        (
+            "an offered subprotocol",
+            answer(&format!("{UPGRADE}{ok}Sec-WebSocket-Protocol: json\r\n")),
+            "Sec-WebSocket-Protocol: chat, json\r\n",
+            true,
+        ),
+        (
+            "an extension nobody offered",
+            answer(&format!(
+                "{UPGRADE}{ok}Sec-WebSocket-Extensions: permessage-deflate\r\n"
+            )),
+            "",
+            false,
+        ),
+        (
+            "an offered extension with parameters",
+            answer(&format!(
+                "{UPGRADE}{ok}Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
+            )),
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+            true,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_a_client_must_refuse_is_a_failed_handshake() {
+    let bystander_backend = EchoBackend::start().await;
+    let mut config = format!(
+        "{}{}",
+        route("/bystander", "by"),
+        pool("by", &[(bystander_backend.addr, 1)], "")
+    );
+    let cases = cases();
+    let mut backends = Vec::new();
+    for (i, (_, answer, _, _)) in cases.iter().enumerate() {
+        let alone = ScriptedBackend::start(Box::leak(answer.clone().into_boxed_str())).await;
+        config.push_str(&route(&format!("/alone{i}"), &format!("alone{i}")));
+        config.push_str(&pool(
+            &format!("alone{i}"),
+            &[(alone.addr, 1)],
+            "retries = 0\n",
+        ));
+        backends.push(alone);
+    }
+    let proxy = Proxy::start(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{config}")).await;
+    let mut bystander = connect(&proxy.url("/bystander")).await;
+
+    for (i, (name, _, extra, acceptable)) in cases.iter().enumerate() {
+        let head = raw_request(
+            proxy.addr,
+            upgrade_request(&format!("/alone{i}"), extra).as_bytes(),
+        )
+        .await;
+        let status = head.lines().next().unwrap_or_default();
+        let expected = if *acceptable { "101" } else { "502" };
+        assert!(
+            status.contains(expected),
+            "{name}: expected {expected}, got {head}"
+        );
+        assert_eq!(
+            backends[i].accepted.load(Ordering::SeqCst),
+            1,
+            "{name}: the backend was reached once"
+        );
+        bystander
+            .send(Message::text(name.to_string()))
+            .await
+            .expect("bystander send");
+        assert_eq!(next(&mut bystander).await, Message::text(name.to_string()));
+    }
+    let (_, metrics) = http_get(proxy.admin.expect("admin"), "/metrics", "").await;
+    for (i, (name, _, _, acceptable)) in cases.iter().enumerate() {
+        let counted = metrics.lines().any(|l| {
+            l.starts_with("wsgate_backend_failures_total")
+                && l.contains("reason=\"backend_bad_answer\"")
+                && l.contains(&format!("backend=\"{}\"", backends[i].addr))
+        });
+        assert_eq!(
+            counted, !acceptable,
+            "{name}: counted as a failure\n{metrics}"
+        );
+    }
+}
+
+/// A bad 101 is that backend's failure before anything reached the client: the
+/// next candidate answers instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_bad_101_the_next_backend_is_tried() {
+    let bad = ScriptedBackend::start(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    let good = EchoBackend::start().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        route("/", "p"),
+        pool("p", &[(bad.addr, 1), (good.addr, 1)], "retries = 1\n")
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let mut ws = connect(&proxy.url("/")).await;
+        ws.send(Message::text(format!("c{i}"))).await.expect("send");
+        assert_eq!(next(&mut ws).await, Message::text(format!("c{i}")));
+        clients.push(ws);
+    }
+    assert!(
+        bad.accepted.load(Ordering::SeqCst) >= 1,
+        "the bad backend was tried"
+    );
+    assert_eq!(good.accepted(), 6, "every client ended on the good backend");
+}
