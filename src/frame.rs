@@ -17,6 +17,8 @@ pub const OP_CLOSE: u8 = 0x8;
 pub mod close_code {
     /// Idle timeout, shutdown or drain; also sent to a backend whose client vanished.
     pub const GOING_AWAY: u16 = 1001;
+    /// A frame no endpoint may send (a control frame over 125 bytes or fragmented).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A message larger than the pool's `max_message_size`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The backend connection ended without a close frame (reset, crash, EOF).
@@ -36,6 +38,9 @@ pub enum Walk {
     /// The data frame starting at byte `at` would make its message longer than the
     /// limit; bytes before it may be forwarded, nothing from it on.
     TooBig { at: usize },
+    /// The frame starting at byte `at` is a control frame no endpoint may send
+    /// (over 125 bytes, or fragmented: RFC 6455 §5.5); nothing from it on.
+    Broken { at: usize },
 }
 
 /// Walks one direction of one connection.
@@ -166,6 +171,9 @@ impl Walker {
                         self.message_len = 0;
                     }
                 }
+                _ if header.opcode >= 0x8 && (header.payload > 125 || !header.fin) => {
+                    return Walk::Broken { at: pos };
+                }
                 OP_CLOSE if self.close == CloseState::None => {
                     self.close = if header.payload == 0 {
                         CloseState::Seen(close_code::NO_STATUS)
@@ -281,6 +289,7 @@ mod tests {
                     out.extend_from_slice(&data[..at]);
                     return (out, Some(at));
                 }
+                Walk::Broken { .. } => panic!("a well-formed stream"),
             }
         }
         (out, None)
@@ -323,6 +332,44 @@ mod tests {
         assert_eq!(out.len(), second_continuation);
         assert!(too_big.is_some());
         assert!(w.at_boundary());
+    }
+
+    #[test]
+    fn stops_at_a_control_frame_no_endpoint_may_send() {
+        for (fin, len) in [(true, 126usize), (true, 20 << 20), (false, 4)] {
+            let mut stream = frame(true, OP_TEXT, b"ok", Some([1, 2, 3, 4]));
+            let at = stream.len();
+            stream.extend(frame(fin, 0x9, &vec![0u8; len], Some([1, 2, 3, 4])));
+            for chunk in [1, 7, 4096] {
+                let mut walker = Walker::new(1 << 30);
+                let mut verdict = None;
+                let mut base = 0;
+                let mut carry: Vec<u8> = Vec::new();
+                for piece in stream.chunks(chunk) {
+                    let mut data = std::mem::take(&mut carry);
+                    let start = base - data.len();
+                    data.extend_from_slice(piece);
+                    base += piece.len();
+                    match walker.walk(&data) {
+                        Walk::Forward { held } => carry = data[data.len() - held..].to_vec(),
+                        Walk::Broken { at } => {
+                            verdict = Some(start + at);
+                            break;
+                        }
+                        Walk::TooBig { .. } => panic!("not a size verdict"),
+                    }
+                }
+                assert_eq!(
+                    verdict,
+                    Some(at),
+                    "fin {fin}, {len} bytes, chunks of {chunk}"
+                );
+            }
+        }
+        // A 125-byte ping passes.
+        let mut walker = Walker::new(1 << 30);
+        let ping = frame(true, 0x9, &[0u8; 125], None);
+        assert_eq!(walker.walk(&ping), Walk::Forward { held: 0 });
     }
 
     #[test]

@@ -443,6 +443,7 @@ fn count_close(pool: &str, outcome: &Outcome) {
     };
     let (initiator, code) = match (outcome.end, outcome.first_close) {
         (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
+        (End::Broken(_), _) => ("wsgate", Some(close_code::PROTOCOL_ERROR)),
         (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
         (End::Drain | End::Rebalance, _) => ("wsgate", Some(close_code::SERVICE_RESTART)),
         (_, Some(s)) => (side(s), first_code(s)),
@@ -455,6 +456,7 @@ fn count_close(pool: &str, outcome: &Outcome) {
         End::ClientGone => "client_gone",
         End::BackendGone => "backend_gone",
         End::TooBig(_) => "too_big",
+        End::Broken(_) => "protocol_error",
         End::Idle => "idle",
         End::Shutdown => "shutdown",
         End::Drain => "drain",

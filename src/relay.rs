@@ -60,6 +60,8 @@ pub enum End {
     BackendGone,
     /// `Side` sent a message over the pool's limit; both were sent 1009.
     TooBig(Side),
+    /// `Side` sent a control frame no endpoint may send; both were sent 1002.
+    Broken(Side),
     /// No traffic either way for the pool's idle timeout; both were sent 1001.
     Idle,
     /// The backend drained: the client was sent 1012, the backend 1001.
@@ -350,20 +352,37 @@ impl Flow {
     }
 
     /// Walks `data` (the carried header bytes first) and writes what may go to
-    /// `to` now; true when the sender went over the size limit.
-    fn forward<T: RelayIo>(&mut self, data: &[u8], to: &mut T) -> io::Result<bool> {
+    /// `to` now; the verdict when the sender broke the size limit or the protocol.
+    fn forward<T: RelayIo>(&mut self, data: &[u8], to: &mut T) -> io::Result<Option<Stop>> {
         self.carry_len = 0;
-        let (forward, too_big) = match self.walker.walk(data) {
+        let (forward, stop) = match self.walker.walk(data) {
             Walk::Forward { held } => {
                 let end = data.len() - held;
                 self.carry[..held].copy_from_slice(&data[end..]);
                 self.carry_len = held;
-                (&data[..end], false)
+                (&data[..end], None)
             }
-            Walk::TooBig { at } => (&data[..at], true),
+            Walk::TooBig { at } => (&data[..at], Some(Stop::TooBig)),
+            Walk::Broken { at } => (&data[..at], Some(Stop::Broken)),
         };
         write_now(to, forward, &mut self.pending)?;
-        Ok(too_big)
+        Ok(stop)
+    }
+}
+
+/// Why the walker stopped a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TooBig,
+    Broken,
+}
+
+impl Stop {
+    fn end(self, side: Side) -> End {
+        match self {
+            Stop::TooBig => End::TooBig(side),
+            Stop::Broken => End::Broken(side),
+        }
     }
 }
 
@@ -373,8 +392,8 @@ enum Step {
     Moved,
     /// The sender closed its side.
     Eof,
-    /// The sender's message went over the limit.
-    TooBig,
+    /// The sender's message went over the limit, or it broke the protocol.
+    Stopped(Stop),
     ReadFailed(io::Error),
     WriteFailed(io::Error),
 }
@@ -404,8 +423,8 @@ fn pump<F: RelayIo, T: RelayIo>(
         };
         flow.bytes += n as u64;
         Poll::Ready(match flow.forward(&buf[..carried + n], to) {
-            Ok(true) => Step::TooBig,
-            Ok(false) => Step::Moved,
+            Ok(Some(stop)) => Step::Stopped(stop),
+            Ok(None) => Step::Moved,
             Err(e) => Step::WriteFailed(e),
         })
     })
@@ -611,16 +630,16 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         if !client_early.is_empty() {
             self.up.bytes += client_early.len() as u64;
             match self.up.forward(&client_early, &mut self.backend) {
-                Ok(true) => return Some(End::TooBig(Side::Client)),
-                Ok(false) => {}
+                Ok(Some(stop)) => return Some(stop.end(Side::Client)),
+                Ok(None) => {}
                 Err(_) => return Some(End::BackendGone),
             }
         }
         if !backend_early.is_empty() {
             self.down.bytes += backend_early.len() as u64;
             match self.down.forward(&backend_early, &mut self.client) {
-                Ok(true) => return Some(End::TooBig(Side::Backend)),
-                Ok(false) => {}
+                Ok(Some(stop)) => return Some(stop.end(Side::Backend)),
+                Ok(None) => {}
                 Err(_) => return Some(End::ClientGone),
             }
         }
@@ -828,7 +847,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
                 }
                 None
             }
-            Step::TooBig => Some(End::TooBig(from)),
+            Step::Stopped(stop) => Some(stop.end(from)),
             Step::ReadFailed(e) => Some(gone(gone_from, &e)),
             Step::WriteFailed(e) => Some(gone(gone_to, &e)),
         }
@@ -848,6 +867,10 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             End::TooBig(_) => (
                 Some(close_code::MESSAGE_TOO_BIG),
                 Some(close_code::MESSAGE_TOO_BIG),
+            ),
+            End::Broken(_) => (
+                Some(close_code::PROTOCOL_ERROR),
+                Some(close_code::PROTOCOL_ERROR),
             ),
             End::Idle | End::Shutdown => {
                 (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))

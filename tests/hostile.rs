@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 struct ScriptedBackend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// The request heads received, in order.
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ScriptedBackend {
@@ -26,12 +28,17 @@ impl ScriptedBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, seen) = (accepted.clone(), heads.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
                 tokio::spawn(async move {
                     let head = read_head(&mut stream).await;
+                    if let Ok(mut heads) = seen.lock() {
+                        heads.push(head.clone());
+                    }
                     let key = head
                         .lines()
                         .find_map(|l| {
@@ -53,7 +60,11 @@ impl ScriptedBackend {
                 });
             }
         });
-        ScriptedBackend { addr, accepted }
+        ScriptedBackend {
+            addr,
+            accepted,
+            heads,
+        }
     }
 }
 
@@ -242,4 +253,202 @@ async fn after_a_bad_101_the_next_backend_is_tried() {
         "the bad backend was tried"
     );
     assert_eq!(good.accepted(), 6, "every client ended on the good backend");
+}
+
+/// Requests a proxy must not guess about: 400 before any backend is reached, and
+/// `Connection` cannot strip `Host` or the WebSocket headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_upgrade_requests_are_refused() {
+    let good = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n";
+    let backend = ScriptedBackend::start(good).await;
+    let bystander_backend = EchoBackend::start().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}{}{}",
+        route("/bystander", "by"),
+        pool("by", &[(bystander_backend.addr, 1)], ""),
+        route("/", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    ))
+    .await;
+    let mut bystander = connect(&proxy.url("/bystander")).await;
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let version = "Sec-WebSocket-Version: 13\r\n";
+    let ws = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+    let host = "Host: test.local\r\n";
+    // (name, request, expected status, a header the backend must have seen)
+    let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
+        (
+            "two Host headers",
+            format!("GET /ws HTTP/1.1\r\n{host}Host: other.example\r\n{ws}{key}{version}\r\n"),
+            "400",
+            None,
+        ),
+        (
+            "two keys",
+            format!(
+                "GET /ws HTTP/1.1\r\n{host}{ws}{key}Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n{version}\r\n"
+            ),
+            "400",
+            None,
+        ),
+        (
+            "two versions",
+            format!("GET /ws HTTP/1.1\r\n{host}{ws}{key}{version}{version}\r\n"),
+            "400",
+            None,
+        ),
+        (
+            "a Content-Length body",
+            format!("GET /ws HTTP/1.1\r\n{host}{ws}{key}{version}Content-Length: 5\r\n\r\nhello"),
+            "400",
+            None,
+        ),
+        (
+            "a chunked body",
+            format!(
+                "GET /ws HTTP/1.1\r\n{host}{ws}{key}{version}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            "400",
+            None,
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            format!(
+                "GET /ws HTTP/1.1\r\n{host}{ws}{key}{version}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            "400",
+            None,
+        ),
+        (
+            "an absolute target for another host",
+            format!("GET http://other.example/ws HTTP/1.1\r\n{host}{ws}{key}{version}\r\n"),
+            "400",
+            None,
+        ),
+        (
+            "an absolute target for another port",
+            format!(
+                "GET http://test.local:81/ws HTTP/1.1\r\nHost: test.local:80\r\n{ws}{key}{version}\r\n"
+            ),
+            "400",
+            None,
+        ),
+        (
+            "an absolute target for the same host",
+            format!("GET http://TEST.local/ws HTTP/1.1\r\n{host}{ws}{key}{version}\r\n"),
+            "101",
+            Some("host: test.local"),
+        ),
+        (
+            "Content-Length: 0",
+            format!("GET /ws HTTP/1.1\r\n{host}{ws}{key}{version}Content-Length: 0\r\n\r\n"),
+            "101",
+            Some("host: test.local"),
+        ),
+        (
+            "Connection naming Host",
+            format!(
+                "GET /ws HTTP/1.1\r\n{host}Upgrade: websocket\r\nConnection: Upgrade, Host\r\n{key}{version}\r\n"
+            ),
+            "101",
+            Some("host: test.local"),
+        ),
+        (
+            "Connection naming the key and version",
+            format!(
+                "GET /ws HTTP/1.1\r\n{host}Upgrade: websocket\r\nConnection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version\r\n{key}{version}\r\n"
+            ),
+            "101",
+            Some("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        ),
+    ];
+    for (name, request, expected, seen) in &cases {
+        let before = backend.accepted.load(Ordering::SeqCst);
+        let head = raw_request(proxy.addr, request.as_bytes()).await;
+        let status = head.lines().next().unwrap_or_default();
+        assert!(
+            status.contains(expected),
+            "{name}: expected {expected}, got {head}"
+        );
+        let reached = backend.accepted.load(Ordering::SeqCst) > before;
+        assert_eq!(
+            reached,
+            *expected == "101",
+            "{name}: whether a backend was reached"
+        );
+        if let Some(header) = seen {
+            let last = backend
+                .heads
+                .lock()
+                .ok()
+                .and_then(|h| h.last().cloned())
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            assert!(last.contains(header), "{name}: the backend got {last}");
+        }
+        bystander
+            .send(Message::text(name.to_string()))
+            .await
+            .expect("bystander send");
+        assert_eq!(next(&mut bystander).await, Message::text(name.to_string()));
+    }
+}
+
+/// A control frame no endpoint may send (a 126-byte ping, a 2 MiB ping through a
+/// pool whose limit is 1 MiB, a fragmented ping) ends the tunnel with 1002 to both
+/// sides before a byte of it reaches the backend; a bystander keeps echoing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_no_endpoint_may_send_are_not_forwarded() {
+    let bystander_backend = EchoBackend::start().await;
+    let mut backend = RawBackend::start("").await;
+    let proxy = Proxy::start(&format!(
+        "{}{}{}{}",
+        route("/bystander", "by"),
+        pool("by", &[(bystander_backend.addr, 1)], ""),
+        route("/", "p"),
+        pool("p", &[(backend.addr, 1)], "max_message_size = \"1MiB\"\n")
+    ))
+    .await;
+    let mut bystander = connect(&proxy.url("/bystander")).await;
+    let key = Some([9, 8, 7, 6]);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("a 126-byte ping", frame(0x89, &[0u8; 126], key)),
+        ("a 2 MiB ping", frame(0x89, &vec![0u8; 2 << 20], key)),
+        ("a fragmented ping", frame(0x09, b"part", key)),
+    ];
+    for (name, bad) in cases {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        client
+            .write_all(upgrade_request("/", "").as_bytes())
+            .await
+            .expect("write");
+        let (mut server, _) = backend.next().await;
+        let response = read_head(&mut client).await;
+        assert!(response.starts_with("HTTP/1.1 101"), "{name}: {response}");
+        let good = frame(0x81, b"fine", key);
+        // The bad frame may be cut short by the close: ignore write errors.
+        let _ = client.write_all(&[good.clone(), bad].concat()).await;
+        // The backend gets the good frame, then wsgate's close 1002: nothing of
+        // the bad frame.
+        assert_eq!(read_exact(&mut server, good.len()).await, good, "{name}");
+        let close = read_exact(&mut server, 8).await;
+        assert_eq!(close[0], 0x88, "{name}: a close frame");
+        assert_eq!(close[1], 0x82, "{name}: masked, 2 bytes");
+        let code = u16::from_be_bytes([close[6] ^ close[2], close[7] ^ close[3]]);
+        assert_eq!(code, 1002, "{name}");
+        // The client gets 1002 too.
+        let head = read_exact(&mut client, 4).await;
+        assert_eq!(
+            head,
+            vec![0x88, 0x02, 0x03, 0xea],
+            "{name}: client close 1002"
+        );
+        bystander
+            .send(Message::text(name.to_string()))
+            .await
+            .expect("bystander send");
+        assert_eq!(next(&mut bystander).await, Message::text(name.to_string()));
+    }
 }
