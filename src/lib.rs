@@ -95,15 +95,15 @@ impl Listeners {
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let mut server = Vec::new();
         for addr in &config.server.listen {
-            server.push(server::bind(*addr)?);
+            server.push(server::bind(*addr, config.server.backlog)?);
         }
         let admin = match config.admin.listen {
-            Some(addr) => Some(server::bind(addr)?),
+            Some(addr) => Some(server::bind(addr, config.server.backlog)?),
             None => None,
         };
         let mut tls = Vec::new();
         for addr in config.tls.iter().flat_map(|t| &t.listen) {
-            tls.push(server::bind(*addr)?);
+            tls.push(server::bind(*addr, config.server.backlog)?);
         }
         Ok(Listeners { server, admin, tls })
     }
@@ -282,19 +282,25 @@ impl Gateway {
         if let Some(running) = running.as_ref() {
             for addr in &config.server.listen {
                 if !running.listeners.contains_key(addr) {
-                    let listener = server::bind(*addr).map_err(|source| ReloadError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
+                    let listener =
+                        server::bind(*addr, config.server.backlog).map_err(|source| {
+                            ReloadError::Bind {
+                                addr: *addr,
+                                source,
+                            }
+                        })?;
                     bound.push((*addr, listener));
                 }
             }
             for addr in config.tls.iter().flat_map(|t| &t.listen) {
                 if !running.tls_listeners.contains_key(addr) {
-                    let listener = server::bind(*addr).map_err(|source| ReloadError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
+                    let listener =
+                        server::bind(*addr, config.server.backlog).map_err(|source| {
+                            ReloadError::Bind {
+                                addr: *addr,
+                                source,
+                            }
+                        })?;
                     tls_bound.push((*addr, listener));
                 }
             }
@@ -302,8 +308,8 @@ impl Gateway {
             if let Some(addr) = config.admin.listen
                 && admin_at != Some(addr)
             {
-                let listener =
-                    server::bind(addr).map_err(|source| ReloadError::Bind { addr, source })?;
+                let listener = server::bind(addr, config.server.backlog)
+                    .map_err(|source| ReloadError::Bind { addr, source })?;
                 admin_bound = Some((addr, listener));
             }
         }
@@ -358,6 +364,14 @@ impl Gateway {
                 }
             }
             running.resize(config.server.max_connections);
+        }
+        if old.config.server.backlog != config.server.backlog {
+            // The queue length is fixed when a socket starts listening.
+            tracing::warn!(
+                key = "server.backlog",
+                "server.backlog changed: listeners bound from now on use it, running ones keep theirs until the next start"
+            );
+            summary.restart("server.backlog");
         }
         for key in self.cluster.apply(&config.cluster) {
             tracing::warn!(key, "{key} changed: it takes effect at the next start");

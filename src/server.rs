@@ -30,12 +30,11 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration
 /// request head.
 const PLAIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Queue of connections the kernel holds for a listener until they are accepted.
-const BACKLOG: i32 = 1024;
-
 /// Binds a listener (synchronously, so a reload can bind before it changes
-/// anything): `SO_REUSEADDR`, non-blocking, a backlog of [`BACKLOG`].
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// anything): `SO_REUSEADDR`, non-blocking, the kernel queueing up to `backlog`
+/// connections not yet accepted (`[server] backlog`; the kernel caps it at
+/// `net.core.somaxconn`).
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -44,7 +43,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
 }
 
@@ -349,7 +348,7 @@ mod tests {
     async fn an_address_in_use_cannot_be_bound() {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let second = bind(addr);
+        let second = bind(addr, 16);
         assert!(second.is_err(), "{:?}", second.map(|l| l.local_addr()));
     }
 }

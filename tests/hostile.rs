@@ -452,3 +452,43 @@ async fn control_frames_no_endpoint_may_send_are_not_forwarded() {
         assert_eq!(next(&mut bystander).await, Message::text(name.to_string()));
     }
 }
+
+/// The accept queue a listener was given, as the kernel reports it (`ss`: a
+/// listening socket's Send-Q is its backlog).
+fn listen_backlog(addr: SocketAddr) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket in: {text}"))
+}
+
+/// `[server] backlog` is the listeners' accept queue: 4096 by default (as far as
+/// `net.core.somaxconn` allows), the configured value otherwise.
+#[tokio::test]
+async fn listeners_get_the_configured_backlog() {
+    let backend = EchoBackend::start().await;
+    let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let configured = Proxy::start(&format!("backlog = 77\n{routes}")).await;
+    assert_eq!(listen_backlog(configured.addr), 77);
+    let default = Proxy::start(&routes).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    assert_eq!(listen_backlog(default.addr), 4096.min(somaxconn));
+    // A reload that changes it says it waits for the next start, and the running
+    // listener keeps its queue.
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\nbacklog = 99\n{routes}");
+    let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
+    let summary = default.gateway.reload(&config).expect("reload");
+    assert!(
+        summary.contains("server.backlog (at the next start)"),
+        "{summary}"
+    );
+    assert_eq!(listen_backlog(default.addr), 4096.min(somaxconn));
+}

@@ -69,3 +69,6 @@ pub const CLUSTER_NAME: &str = "wsgate";
 pub const MESSAGE_METRICS: bool = true;
 /// Shortest bearer token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Connections the kernel queues per listener before wsgate accepts them.
+pub const BACKLOG: u32 = 4096;

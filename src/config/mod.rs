@@ -173,6 +173,8 @@ pub struct ServerConfig {
     /// Connections (handshaking or proxied) held at once; the accept loop waits for a
     /// free slot before accepting, so overload queues in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections the kernel queues for each listener until wsgate accepts them.
+    pub backlog: u32,
     /// How long a client has to send its whole upgrade request.
     pub handshake_timeout: Duration,
     /// Largest request head (request line + headers) accepted; larger gets 431.

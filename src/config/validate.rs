@@ -468,6 +468,12 @@ impl Report<'_> {
             1..=u64::from(u32::MAX),
             defaults::MAX_CONNECTIONS as u64,
         ) as usize;
+        let backlog = self.integer(
+            raw.backlog.as_ref(),
+            "server.backlog",
+            1..=65535,
+            u64::from(defaults::BACKLOG),
+        ) as u32;
         let handshake_timeout = self.duration(
             raw.handshake_timeout.as_ref(),
             "server.handshake_timeout",
@@ -483,6 +489,7 @@ impl Report<'_> {
         ServerConfig {
             listen,
             max_connections,
+            backlog,
             handshake_timeout,
             max_header_bytes,
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
