@@ -224,9 +224,35 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// Descriptors a process needs besides its connections: listeners, Redis, logs,
+/// the config watch, health checks in flight.
+const SPARE_DESCRIPTORS: u64 = 64;
+
+/// Raises the soft open-files limit to the hard one, and warns, with the numbers,
+/// when `max_connections` proxied connections (two descriptors each) cannot fit.
+fn raise_descriptor_limit(max_connections: usize) {
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(SPARE_DESCRIPTORS);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the open-files limit cannot hold max_connections proxied connections (two descriptors each): \
+             past {} connections, accepts and connects fail with EMFILE; lower [server] max_connections \
+             or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)",
+            limit.saturating_sub(SPARE_DESCRIPTORS) / 2
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     runtime()?.block_on(async move {
+        raise_descriptor_limit(config.server.max_connections);
         let listeners = Listeners::bind(&config).await?;
         let gateway = std::sync::Arc::new(Gateway::new(&config)?);
         let shutdown = CancellationToken::new();

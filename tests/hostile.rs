@@ -492,3 +492,46 @@ async fn listeners_get_the_configured_backlog() {
     );
     assert_eq!(listen_backlog(default.addr), 4096.min(somaxconn));
 }
+
+/// The soft and hard open-files limits of a process, from /proc.
+fn open_files_limits(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// At start wsgate raises its soft descriptor limit to the hard one, and warns
+/// with the numbers when `max_connections` cannot fit.
+#[tokio::test]
+async fn the_descriptor_limit_is_raised_and_a_misfit_warned_about() {
+    let backend = EchoBackend::start().await;
+    let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
+    let (_, hard) = open_files_limits(std::process::id());
+    let fits = (hard.saturating_sub(64) / 2).clamp(1, 1000);
+    let raised =
+        ProxyProcess::start_soft_limited(&format!("max_connections = {fits}\n{routes}"), 128).await;
+    let pid = raised.pid().expect("pid");
+    assert_eq!(open_files_limits(pid), (hard, hard), "soft raised to hard");
+    assert_eq!(raised.logged("open-files limit cannot hold"), 0);
+    // More connections than the hard limit can hold: a warning naming the numbers.
+    let too_many = hard; // needs 2 × hard + 64 descriptors
+    let warned =
+        ProxyProcess::start_soft_limited(&format!("max_connections = {too_many}\n{routes}"), 128)
+            .await;
+    warned
+        .wait_logged(
+            "open-files limit cannot hold",
+            1,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(warned.logged(&format!("limit={hard}")), 1);
+    assert_eq!(warned.logged(&format!("needed={}", too_many * 2 + 64)), 1);
+}

@@ -651,7 +651,23 @@ impl ProxyProcess {
         ProxyProcess::spawn(text, None).await
     }
 
+    /// As `start`, with only the soft open-files limit lowered to `soft` (the hard
+    /// one stays).
+    pub async fn start_soft_limited(config: &str, soft: u32) -> ProxyProcess {
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
+        ProxyProcess::spawn_with(&text, Some(soft), "-Sn").await
+    }
+
+    /// The process id of the running wsgate.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     async fn spawn(text: &str, fd_limit: Option<u32>) -> ProxyProcess {
+        ProxyProcess::spawn_with(text, fd_limit, "-n").await
+    }
+
+    async fn spawn_with(text: &str, fd_limit: Option<u32>, flag: &str) -> ProxyProcess {
         use tokio::io::AsyncBufReadExt;
         let dir = std::env::temp_dir().join(format!(
             "wsgate-proc-{}-{}",
@@ -664,10 +680,11 @@ impl ProxyProcess {
         let limit = fd_limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let mut child = tokio::process::Command::new("bash")
             .arg("-c")
-            .arg("[ \"$2\" = unlimited ] || ulimit -n \"$2\"; exec \"$0\" run --config \"$1\"")
+            .arg("[ \"$2\" = unlimited ] || ulimit \"$3\" \"$2\"; exec \"$0\" run --config \"$1\"")
             .arg(env!("CARGO_BIN_EXE_wsgate"))
             .arg(&path)
             .arg(limit)
+            .arg(flag)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
