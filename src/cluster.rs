@@ -709,9 +709,12 @@ impl Cluster {
             sync.full = true;
         }
         let heartbeat_due = now >= sync.next_heartbeat;
+        let changes = self.presence.take_changes();
+        if changes.resync {
+            sync.full = true;
+        }
         let update = if sync.full {
             // The table's changes are covered by the snapshot; events still go out.
-            let changes = self.presence.take_changes();
             Update {
                 full: true,
                 ttl: self.heartbeat() * 3,
@@ -720,7 +723,6 @@ impl Cluster {
                 events: changes.events,
             }
         } else {
-            let changes = self.presence.take_changes();
             let counts_changed = counts != sync.published;
             if !heartbeat_due && !counts_changed && changes.is_empty() {
                 return;

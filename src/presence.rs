@@ -20,6 +20,11 @@ pub const MAX_IDENTITY: usize = 256;
 /// Events kept while they cannot be published (Redis down); older ones are dropped.
 const MAX_QUEUED_EVENTS: usize = 10_000;
 
+/// Users remembered as changed while they cannot be published (Redis down, a flood
+/// of distinct ids). Past it the set is dropped and the next publish replaces this
+/// instance's whole presence hash instead, which needs no change list.
+const MAX_DIRTY_USERS: usize = 65_536;
+
 /// One connection of one user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceEntry {
@@ -106,6 +111,8 @@ struct Table {
     users: HashMap<String, Vec<PresenceEntry>>,
     /// Users whose entries changed since the last publish.
     dirty: HashSet<String>,
+    /// The dirty set overflowed and was dropped: only a full republish is right.
+    resync: bool,
     events: VecDeque<PresenceEvent>,
 }
 
@@ -115,6 +122,8 @@ struct Table {
 pub struct Changes {
     pub users: Vec<(String, Vec<PresenceEntry>)>,
     pub events: Vec<PresenceEvent>,
+    /// Too much changed to list: publish the whole table instead.
+    pub resync: bool,
 }
 
 impl Changes {
@@ -139,7 +148,7 @@ impl Presence {
         };
         {
             let mut table = self.lock();
-            table.dirty.insert(entry.user.clone());
+            mark_dirty(&mut table, &entry.user);
             push_event(&mut table, EventKind::Join, entry.clone());
             table
                 .users
@@ -163,7 +172,7 @@ impl Presence {
             if entries.is_empty() {
                 table.users.remove(user);
             }
-            table.dirty.insert(user.to_string());
+            mark_dirty(&mut table, user);
             push_event(&mut table, EventKind::Leave, entry);
         }
     }
@@ -182,6 +191,7 @@ impl Presence {
         Changes {
             users,
             events: table.events.drain(..).collect(),
+            resync: std::mem::take(&mut table.resync),
         }
     }
 
@@ -189,6 +199,7 @@ impl Presence {
     pub fn snapshot(&self) -> Vec<(String, Vec<PresenceEntry>)> {
         let mut table = self.lock();
         table.dirty.clear();
+        table.resync = false;
         table
             .users
             .iter()
@@ -209,6 +220,18 @@ impl Presence {
             .map(|(u, e)| (u.clone(), e.len()))
             .collect()
     }
+}
+
+fn mark_dirty(table: &mut Table, user: &str) {
+    if table.resync {
+        return;
+    }
+    if table.dirty.len() >= MAX_DIRTY_USERS && !table.dirty.contains(user) {
+        table.dirty = HashSet::new();
+        table.resync = true;
+        return;
+    }
+    table.dirty.insert(user.to_string());
 }
 
 fn push_event(table: &mut Table, kind: EventKind, entry: PresenceEntry) {
@@ -266,6 +289,35 @@ mod tests {
         assert!(identity(&q, &long).is_err());
         let odd = req("/ws?user=100%&x=1", &[]);
         assert_eq!(identity(&q, &odd), Ok(Some("100%".to_string())));
+    }
+
+    #[test]
+    fn changed_users_are_bounded_and_overflow_asks_for_a_full_republish() {
+        let presence = Arc::new(Presence::default());
+        let entry = |user: String| PresenceEntry {
+            user,
+            instance: "i".into(),
+            pool: "p".into(),
+            backend: "b".into(),
+            conn: 1,
+            since: 1,
+        };
+        // Distinct ids joining and leaving while nothing is published.
+        for i in 0..MAX_DIRTY_USERS + 10 {
+            drop(presence.join(entry(format!("u{i}"))));
+            assert!(presence.lock().dirty.len() <= MAX_DIRTY_USERS);
+        }
+        let kept = presence.join(entry("stays".into()));
+        assert!(presence.lock().events.len() <= MAX_QUEUED_EVENTS);
+        let changes = presence.take_changes();
+        assert!(changes.resync, "overflow asks for a full republish");
+        assert!(changes.users.is_empty());
+        assert_eq!(presence.snapshot().len(), 1, "the table itself is exact");
+        // Back to normal after the republish.
+        drop(kept);
+        let changes = presence.take_changes();
+        assert!(!changes.resync);
+        assert_eq!(changes.users, vec![("stays".to_string(), vec![])]);
     }
 
     #[test]
