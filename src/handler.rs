@@ -204,6 +204,7 @@ async fn upgrade(
     instances: usize,
     proto: &'static str,
 ) -> Result<Accepted, Refusal> {
+    handshake::normalize_path(req);
     let route = find_route(snapshot, req)?;
     span.record("route", route.path.as_str());
     span.record("pool", route.pool.name.as_str());

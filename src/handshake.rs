@@ -171,6 +171,58 @@ fn hygiene<B>(req: &Request<B>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Normalises the request's path once, before routing, so that routing and the
+/// backend see the same path: `%2e`/`%2E` decoded to `.`, empty segments (`//`)
+/// and `.` dropped, `..` removing the segment before it (never above the root).
+/// The query is kept as it was. A path already normal is left untouched.
+pub fn normalize_path<B>(req: &mut Request<B>) {
+    let path = req.uri().path();
+    let Some(normal) = normal_path(path) else {
+        return;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let target = match req.uri().query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(target) {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// The normal form of `path`, or None when it is already normal.
+fn normal_path(path: &str) -> Option<String> {
+    let suspicious = path.contains("//")
+        || path.contains("/./")
+        || path.contains("/../")
+        || path.ends_with("/.")
+        || path.ends_with("/..")
+        || path.contains('%') && path.to_ascii_lowercase().contains("%2e");
+    if !suspicious {
+        return None;
+    }
+    let decoded = path.replace("%2e", ".").replace("%2E", ".");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') && !segments.is_empty();
+    let mut normal = format!("/{}", segments.join("/"));
+    if trailing {
+        normal.push('/');
+    }
+    Some(normal)
+}
+
 /// The `:port` part of an authority, if it has one.
 fn port_of(authority: &str) -> Option<&str> {
     authority
@@ -488,6 +540,26 @@ mod tests {
         let req = upgrade().body(()).unwrap();
         assert_eq!(validate(&req), Ok(()));
         assert_eq!(request_host(&req), Some("chat.example.com"));
+    }
+
+    #[test]
+    fn normalises_paths_once() {
+        for (path, normal) in [
+            ("/ws", None),
+            ("/ws/a?x=1", None),
+            ("/a/../ws", Some("/ws")),
+            ("//ws//room", Some("/ws/room")),
+            ("/ws/./room/", Some("/ws/room/")),
+            ("/%2e%2e/%2E%2E/admin", Some("/admin")),
+            ("/ws/..", Some("/")),
+            ("/../../..", Some("/")),
+        ] {
+            assert_eq!(normal_path(path).as_deref(), normal, "{path}");
+        }
+        let mut req = Request::get("/x/%2e%2e//ws/?room=a/../b").body(()).unwrap();
+        normalize_path(&mut req);
+        assert_eq!(req.uri().path(), "/ws/");
+        assert_eq!(req.uri().query(), Some("room=a/../b"));
     }
 
     #[test]

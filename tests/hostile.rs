@@ -535,3 +535,45 @@ async fn the_descriptor_limit_is_raised_and_a_misfit_warned_about() {
     assert_eq!(warned.logged(&format!("limit={hard}")), 1);
     assert_eq!(warned.logged(&format!("needed={}", too_many * 2 + 64)), 1);
 }
+
+/// The path is normalised once, before routing: routing and the backend see the
+/// same path, and `..` cannot climb out of a route's prefix.
+#[tokio::test]
+async fn routing_and_the_backend_see_the_same_normal_path() {
+    let good = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n";
+    let backend = ScriptedBackend::start(good).await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        route("/public", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    ))
+    .await;
+    for (target, status, seen) in [
+        (
+            "/x/../public//room?r=a/../b",
+            "101",
+            Some("GET /public/room?r=a/../b "),
+        ),
+        ("/public/%2e%2e/private", "404", None),
+        ("/public/../private", "404", None),
+        ("/public/./a/%2E%2E/b", "101", Some("GET /public/b ")),
+    ] {
+        let before = backend.accepted.load(Ordering::SeqCst);
+        let head = raw_request(proxy.addr, upgrade_request(target, "").as_bytes()).await;
+        assert!(
+            head.lines().next().unwrap_or_default().contains(status),
+            "{target}: expected {status}, got {head}"
+        );
+        let reached = backend.accepted.load(Ordering::SeqCst) > before;
+        assert_eq!(reached, seen.is_some(), "{target}");
+        if let Some(line) = seen {
+            let last = backend
+                .heads
+                .lock()
+                .ok()
+                .and_then(|h| h.last().cloned())
+                .unwrap_or_default();
+            assert!(last.starts_with(line), "{target}: the backend got {last}");
+        }
+    }
+}
