@@ -280,30 +280,23 @@ impl Gateway {
         let mut tls_bound = Vec::new();
         let mut admin_bound = None;
         if let Some(running) = running.as_ref() {
-            for addr in &config.server.listen {
-                if !running.listeners.contains_key(addr) {
-                    let listener =
-                        server::bind(*addr, config.server.backlog).map_err(|source| {
-                            ReloadError::Bind {
-                                addr: *addr,
-                                source,
-                            }
-                        })?;
-                    bound.push((*addr, listener));
-                }
-            }
-            for addr in config.tls.iter().flat_map(|t| &t.listen) {
-                if !running.tls_listeners.contains_key(addr) {
-                    let listener =
-                        server::bind(*addr, config.server.backlog).map_err(|source| {
-                            ReloadError::Bind {
-                                addr: *addr,
-                                source,
-                            }
-                        })?;
-                    tls_bound.push((*addr, listener));
-                }
-            }
+            let bind_new =
+                |addrs: &mut dyn Iterator<Item = &std::net::SocketAddr>,
+                 running: &BTreeMap<std::net::SocketAddr, CancellationToken>| {
+                    addrs
+                        .filter(|addr| !running.contains_key(*addr))
+                        .map(|&addr| {
+                            server::bind(addr, config.server.backlog)
+                                .map(|listener| (addr, listener))
+                                .map_err(|source| ReloadError::Bind { addr, source })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                };
+            bound = bind_new(&mut config.server.listen.iter(), &running.listeners)?;
+            tls_bound = bind_new(
+                &mut config.tls.iter().flat_map(|t| &t.listen),
+                &running.tls_listeners,
+            )?;
             let admin_at = running.admin_listener.as_ref().map(|(a, _)| *a);
             if let Some(addr) = config.admin.listen
                 && admin_at != Some(addr)

@@ -12,7 +12,7 @@ use common::*;
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 /// A backend that answers every upgrade with `answer`, `{accept}` replaced by the
 /// right Sec-WebSocket-Accept for the request's key; counts what it accepted.
@@ -39,16 +39,7 @@ impl ScriptedBackend {
                     if let Ok(mut heads) = seen.lock() {
                         heads.push(head.clone());
                     }
-                    let key = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("sec-websocket-key")
-                                .then(|| v.trim().to_string())
-                        })
-                        .unwrap_or_default();
-                    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                    let answer = answer.replace("{accept}", &accept);
+                    let answer = answer.replace("{accept}", &accept_for(&head));
                     let _ = stream.write_all(answer.as_bytes()).await;
                     // Hold the connection until wsgate closes it.
                     let mut sink = [0u8; 256];
@@ -69,6 +60,9 @@ impl ScriptedBackend {
 }
 
 const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+
+/// A 101 a client accepts.
+const RIGHT_101: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n";
 
 /// A 101 with the given headers after the status line.
 fn answer(headers: &str) -> String {
@@ -259,8 +253,7 @@ async fn after_a_bad_101_the_next_backend_is_tried() {
 /// `Connection` cannot strip `Host` or the WebSocket headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_upgrade_requests_are_refused() {
-    let good = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n";
-    let backend = ScriptedBackend::start(good).await;
+    let backend = ScriptedBackend::start(RIGHT_101).await;
     let bystander_backend = EchoBackend::start().await;
     let proxy = Proxy::start(&format!(
         "{}{}{}{}",
@@ -540,8 +533,7 @@ async fn the_descriptor_limit_is_raised_and_a_misfit_warned_about() {
 /// same path, and `..` cannot climb out of a route's prefix.
 #[tokio::test]
 async fn routing_and_the_backend_see_the_same_normal_path() {
-    let good = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n";
-    let backend = ScriptedBackend::start(good).await;
+    let backend = ScriptedBackend::start(RIGHT_101).await;
     let proxy = Proxy::start(&format!(
         "{}{}",
         route("/public", "p"),

@@ -429,6 +429,19 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
     )
 }
 
+/// The `Sec-WebSocket-Accept` that answers the key in a raw request head.
+pub fn accept_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
+
 /// A backend that completes the handshake by hand and hands each connection to the
 /// test, for byte-exact checks.
 pub struct RawBackend {
@@ -445,15 +458,7 @@ impl RawBackend {
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let head = read_head(&mut stream).await;
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default();
-                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let accept = accept_for(&head);
                 let response = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                      Sec-WebSocket-Accept: {accept}\r\n{response_headers}\r\n"
