@@ -70,19 +70,8 @@ fn wsgate(binary: &str, dir: &std::path::Path, backends: &[SocketAddr]) -> Proxy
 fn haproxy(dir: &std::path::Path, backends: &[SocketAddr]) -> Option<Proxy> {
     Command::new("haproxy").arg("-v").output().ok()?;
     let port = targets::free_port();
-    let servers: Vec<String> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("    server s{i} {b}"))
-        .collect();
-    let config = format!(
-        "global\n    maxconn 9950\n\
-         defaults\n    mode http\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n\
-         frontend fe\n    bind 127.0.0.1:{port} ssl crt {dir}/haproxy.pem alpn http/1.1\n    default_backend be\n\
-         backend be\n    balance leastconn\n{}\n",
-        servers.join("\n"),
-        dir = dir.display()
-    );
+    let tls = format!(" ssl crt {}/haproxy.pem alpn http/1.1", dir.display());
+    let config = targets::haproxy_config(port, &tls, backends);
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).expect("config");
     let process = targets::spawn(

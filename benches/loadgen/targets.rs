@@ -160,22 +160,29 @@ pub fn wsgate(binary: &str, backends: &[SocketAddr]) -> Target {
     listening("wsgate", port, process, Some(scratch))
 }
 
-pub fn haproxy(backends: &[SocketAddr]) -> Option<Target> {
-    Command::new("haproxy").arg("-v").output().ok()?;
-    let scratch = Scratch::new("haproxy");
-    let port = free_port();
+/// HAProxy's configuration in front of `backends` (`balance leastconn`, a tunnel
+/// timeout), listening on `port` with `bind_options` (e.g. TLS) after the address.
+/// `maxconn` keeps its descriptors under the 20,000 allowed.
+pub fn haproxy_config(port: u16, bind_options: &str, backends: &[SocketAddr]) -> String {
     let servers: Vec<String> = backends
         .iter()
         .enumerate()
         .map(|(i, b)| format!("    server s{i} {b}"))
         .collect();
-    let config = format!(
+    format!(
         "global\n    maxconn 9950\n\
          defaults\n    mode http\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n\
-         frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\
+         frontend fe\n    bind 127.0.0.1:{port}{bind_options}\n    default_backend be\n\
          backend be\n    balance leastconn\n{}\n",
         servers.join("\n")
-    );
+    )
+}
+
+pub fn haproxy(backends: &[SocketAddr]) -> Option<Target> {
+    Command::new("haproxy").arg("-v").output().ok()?;
+    let scratch = Scratch::new("haproxy");
+    let port = free_port();
+    let config = haproxy_config(port, "", backends);
     let path = scratch.0.join("haproxy.cfg");
     std::fs::write(&path, config).expect("config");
     let process = spawn(
