@@ -17,8 +17,12 @@ pub const OP_CLOSE: u8 = 0x8;
 pub mod close_code {
     /// Idle timeout, shutdown or drain; also sent to a backend whose client vanished.
     pub const GOING_AWAY: u16 = 1001;
-    /// A frame no endpoint may send (a control frame over 125 bytes or fragmented).
+    /// A frame that breaks RFC 6455: a control frame over 125 bytes or fragmented;
+    /// with strict frames also a wrong mask bit, a reserved opcode, RSV bits without
+    /// an extension, an orphan continuation and a bad close frame.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A close frame whose reason is not UTF-8 (strict frames).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message larger than the pool's `max_message_size`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The backend connection ended without a close frame (reset, crash, EOF).
@@ -27,20 +31,49 @@ pub mod close_code {
     pub const SERVICE_RESTART: u16 = 1012;
     /// A close frame with no status code in it.
     pub const NO_STATUS: u16 = 1005;
+
+    /// Whether an endpoint may put `code` in a close frame (RFC 6455 §7.4, and the
+    /// IANA registry's 1012–1014); 1005, 1006 and 1015 are for reporting only.
+    pub fn may_be_sent(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 /// What the relay may do with the bytes it just walked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
-    /// Forward everything but the last `held` bytes: the start of a frame header
-    /// that the next read completes.
+    /// Forward everything but the last `held` bytes: the start of a frame header,
+    /// or of a close frame, that the next read completes (at most [`MAX_HELD`]).
     Forward { held: usize },
-    /// The data frame starting at byte `at` would make its message longer than the
-    /// limit; bytes before it may be forwarded, nothing from it on.
+    /// The frame starting at byte `at` would make its message (or itself, for a
+    /// control frame) longer than the limit; bytes before it may be forwarded,
+    /// nothing from it on.
     TooBig { at: usize },
-    /// The frame starting at byte `at` is a control frame no endpoint may send
-    /// (over 125 bytes, or fragmented: RFC 6455 §5.5); nothing from it on.
-    Broken { at: usize },
+    /// The frame starting at byte `at` breaks the protocol: both ends are to be
+    /// closed with `code` (1002, or 1007 for a close reason that is not UTF-8);
+    /// nothing from it on.
+    Broken { at: usize, code: u16 },
+}
+
+/// What a walker checks, beyond frame lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Check every frame against RFC 6455 (`[server] strict_frames`). Without it
+    /// only control frames over 125 bytes or fragmented are refused.
+    pub strict: bool,
+    /// The sender is a client, whose frames must be masked; a server's must not be.
+    pub from_client: bool,
+    /// An extension was negotiated, so RSV bits are its business.
+    pub extensions: bool,
+}
+
+impl Rules {
+    /// Control-frame lengths only, as without `strict_frames`.
+    pub const LENIENT: Rules = Rules {
+        strict: false,
+        from_client: true,
+        extensions: true,
+    };
 }
 
 /// Walks one direction of one connection.
@@ -53,25 +86,19 @@ pub struct Walker {
     message_len: u64,
     /// Complete data messages seen.
     messages: u64,
-    close: CloseState,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CloseState {
-    None,
-    /// Inside a close frame's payload, reading its 2-byte status code.
-    Reading {
-        mask: [u8; 4],
-        seen: u8,
-        code: [u8; 2],
-    },
-    Seen(u16),
+    rules: Rules,
+    /// A data message has begun and its last fragment has not come.
+    in_message: bool,
+    /// The status code of the first close frame (1005 when it had none).
+    close: Option<u16>,
 }
 
 struct Header {
     len: usize,
     fin: bool,
+    rsv: u8,
     opcode: u8,
+    masked: bool,
     payload: u64,
     mask: [u8; 4],
 }
@@ -99,20 +126,36 @@ fn parse_header(data: &[u8]) -> Option<Header> {
     Some(Header {
         len,
         fin: b0 & 0x80 != 0,
+        rsv: b0 & 0x70,
         opcode: b0 & 0x0f,
+        masked,
         payload,
         mask,
     })
 }
 
+/// The longest control frame: a 2-byte header, a mask key and 125 bytes.
+const MAX_CONTROL: usize = 2 + 4 + 125;
+
+/// The most a walk holds back: a whole control frame (close frames are checked
+/// whole before a byte of them goes on).
+pub const MAX_HELD: usize = MAX_CONTROL;
+
 impl Walker {
+    /// A walker that refuses only what no configuration allows (see [`Rules::LENIENT`]).
     pub fn new(max_message: u64) -> Walker {
+        Walker::with_rules(max_message, Rules::LENIENT)
+    }
+
+    pub fn with_rules(max_message: u64, rules: Rules) -> Walker {
         Walker {
             max_message,
             remaining: 0,
             message_len: 0,
             messages: 0,
-            close: CloseState::None,
+            rules,
+            in_message: false,
+            close: None,
         }
     }
 
@@ -128,11 +171,7 @@ impl Walker {
 
     /// The status code of the close frame walked, if one was (1005 when it had none).
     pub fn close_code(&self) -> Option<u16> {
-        match self.close {
-            CloseState::Seen(code) => Some(code),
-            CloseState::Reading { .. } => Some(close_code::NO_STATUS),
-            CloseState::None => None,
-        }
+        self.close
     }
 
     /// Walks `data`, which continues exactly where the last call's forwarded bytes
@@ -143,9 +182,6 @@ impl Walker {
             if self.remaining > 0 {
                 let available = (data.len() - pos) as u64;
                 let take = self.remaining.min(available) as usize;
-                if let CloseState::Reading { .. } = self.close {
-                    self.read_close_code(&data[pos..pos + take]);
-                }
                 pos += take;
                 self.remaining -= take as u64;
                 continue;
@@ -155,9 +191,21 @@ impl Walker {
                     held: data.len() - pos,
                 };
             };
+            let broken = |code| Walk::Broken { at: pos, code };
+            let strict = self.rules.strict;
+            if strict
+                && (header.masked != self.rules.from_client
+                    || (header.rsv != 0 && !self.rules.extensions))
+            {
+                return broken(close_code::PROTOCOL_ERROR);
+            }
             match header.opcode {
                 OP_TEXT | OP_BINARY | OP_CONTINUATION => {
-                    let len = if header.opcode == OP_CONTINUATION {
+                    let continues = header.opcode == OP_CONTINUATION;
+                    if strict && continues != self.in_message {
+                        return broken(close_code::PROTOCOL_ERROR);
+                    }
+                    let len = if continues {
                         self.message_len.saturating_add(header.payload)
                     } else {
                         header.payload
@@ -166,24 +214,31 @@ impl Walker {
                         return Walk::TooBig { at: pos };
                     }
                     self.message_len = len;
+                    self.in_message = !header.fin;
                     if header.fin {
                         self.messages += 1;
                         self.message_len = 0;
                     }
                 }
-                _ if header.opcode >= 0x8 && (header.payload > 125 || !header.fin) => {
-                    return Walk::Broken { at: pos };
+                0x3..=0x7 | 0xb..=0xf if strict => return broken(close_code::PROTOCOL_ERROR),
+                0x8..=0xf if header.payload > 125 || !header.fin => {
+                    return broken(close_code::PROTOCOL_ERROR);
                 }
-                OP_CLOSE if self.close == CloseState::None => {
-                    self.close = if header.payload == 0 {
-                        CloseState::Seen(close_code::NO_STATUS)
-                    } else {
-                        CloseState::Reading {
-                            mask: header.mask,
-                            seen: 0,
-                            code: [0; 2],
-                        }
+                _ if header.payload > self.max_message => return Walk::TooBig { at: pos },
+                OP_CLOSE => {
+                    let end = header.len + header.payload as usize;
+                    let Some(frame) = data.get(pos..pos + end) else {
+                        return Walk::Forward {
+                            held: data.len() - pos,
+                        };
                     };
+                    let code = match self.read_close(&header, &frame[header.len..]) {
+                        Ok(code) => code,
+                        Err(code) => return broken(code),
+                    };
+                    self.close.get_or_insert(code);
+                    pos += end;
+                    continue;
                 }
                 _ => {}
             }
@@ -193,24 +248,29 @@ impl Walker {
         Walk::Forward { held: 0 }
     }
 
-    fn read_close_code(&mut self, payload: &[u8]) {
-        let CloseState::Reading {
-            mask,
-            mut seen,
-            mut code,
-        } = self.close
-        else {
-            return;
-        };
-        for byte in payload.iter().take(2 - seen as usize) {
-            code[seen as usize] = byte ^ mask[seen as usize];
-            seen += 1;
+    /// The status code of a whole close frame's `payload` (still masked), checked
+    /// when strict: `Err` carries the code to close with.
+    fn read_close(&self, header: &Header, payload: &[u8]) -> Result<u16, u16> {
+        let mut body = [0u8; 125];
+        let body = &mut body[..payload.len()];
+        for (i, (out, byte)) in body.iter_mut().zip(payload).enumerate() {
+            *out = byte ^ header.mask[i % 4];
         }
-        self.close = if seen == 2 {
-            CloseState::Seen(u16::from_be_bytes(code))
-        } else {
-            CloseState::Reading { mask, seen, code }
+        let code = match body {
+            [] => return Ok(close_code::NO_STATUS),
+            [_] if self.rules.strict => return Err(close_code::PROTOCOL_ERROR),
+            [_] => return Ok(close_code::NO_STATUS),
+            [a, b, ..] => u16::from_be_bytes([*a, *b]),
         };
+        if self.rules.strict {
+            if !close_code::may_be_sent(code) {
+                return Err(close_code::PROTOCOL_ERROR);
+            }
+            if std::str::from_utf8(&body[2..]).is_err() {
+                return Err(close_code::INVALID_PAYLOAD);
+            }
+        }
+        Ok(code)
     }
 }
 
@@ -352,7 +412,8 @@ mod tests {
                     base += piece.len();
                     match walker.walk(&data) {
                         Walk::Forward { held } => carry = data[data.len() - held..].to_vec(),
-                        Walk::Broken { at } => {
+                        Walk::Broken { at, code } => {
+                            assert_eq!(code, close_code::PROTOCOL_ERROR);
                             verdict = Some(start + at);
                             break;
                         }

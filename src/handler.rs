@@ -360,6 +360,10 @@ fn start_tunnel(
         idle_timeout: pool.settings.idle_timeout,
         max_message_size: pool.settings.max_message_size,
         close_timeout: pool.settings.close_timeout,
+        strict_frames: shared.state.load().config.server.strict_frames,
+        extensions: head
+            .headers
+            .contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS),
     };
     let wave = guard.backend().wave();
     let guards = Guards {
@@ -444,7 +448,7 @@ fn count_close(pool: &str, outcome: &Outcome) {
     };
     let (initiator, code) = match (outcome.end, outcome.first_close) {
         (End::TooBig(_), _) => ("wsgate", Some(close_code::MESSAGE_TOO_BIG)),
-        (End::Broken(_), _) => ("wsgate", Some(close_code::PROTOCOL_ERROR)),
+        (End::Broken(_, code), _) => ("wsgate", Some(code)),
         (End::Idle | End::Shutdown, _) => ("wsgate", Some(close_code::GOING_AWAY)),
         (End::Drain | End::Rebalance, _) => ("wsgate", Some(close_code::SERVICE_RESTART)),
         (_, Some(s)) => (side(s), first_code(s)),
@@ -457,7 +461,8 @@ fn count_close(pool: &str, outcome: &Outcome) {
         End::ClientGone => "client_gone",
         End::BackendGone => "backend_gone",
         End::TooBig(_) => "too_big",
-        End::Broken(_) => "protocol_error",
+        End::Broken(_, close_code::INVALID_PAYLOAD) => "invalid_payload",
+        End::Broken(..) => "protocol_error",
         End::Idle => "idle",
         End::Shutdown => "shutdown",
         End::Drain => "drain",

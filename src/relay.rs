@@ -26,7 +26,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::balancer::ConnGuard;
 use crate::closing::{Order, Reason, Wave};
-use crate::frame::{MAX_HEADER, Walk, Walker, close_code, close_frame};
+use crate::frame::{Rules, Walk, Walker, close_code, close_frame};
 use crate::presence::PresenceGuard;
 
 /// Buffer for one read: large enough to move a typical message in one go.
@@ -40,6 +40,21 @@ pub struct Limits {
     /// Once a close frame has gone one way, how long the other side has to answer
     /// and close; also how long wsgate waits for a peer to take its own close.
     pub close_timeout: Duration,
+    /// Check every frame against RFC 6455 (`[server] strict_frames`).
+    pub strict_frames: bool,
+    /// The backend's 101 named an extension: RSV bits are allowed.
+    pub extensions: bool,
+}
+
+impl Limits {
+    /// What the walker checks in frames from `sender`.
+    fn rules(&self, sender: Side) -> Rules {
+        Rules {
+            strict: self.strict_frames,
+            from_client: sender == Side::Client,
+            extensions: self.extensions,
+        }
+    }
 }
 
 /// Which end of the tunnel.
@@ -60,8 +75,9 @@ pub enum End {
     BackendGone,
     /// `Side` sent a message over the pool's limit; both were sent 1009.
     TooBig(Side),
-    /// `Side` sent a control frame no endpoint may send; both were sent 1002.
-    Broken(Side),
+    /// `Side` sent a frame that breaks the protocol; both were sent the code
+    /// (1002, or 1007 for a close reason that is not UTF-8).
+    Broken(Side, u16),
     /// No traffic either way for the pool's idle timeout; both were sent 1001.
     Idle,
     /// The backend drained: the client was sent 1012, the backend 1001.
@@ -314,10 +330,11 @@ impl Guards {
 /// One direction's state.
 struct Flow {
     walker: Walker,
-    /// The start of a frame header whose end has not arrived; held back so that the
-    /// receiver stays at a frame boundary until the whole header can be forwarded.
-    carry: [u8; MAX_HEADER],
-    carry_len: usize,
+    /// The start of a frame header (or of a close frame) whose end has not arrived;
+    /// held back so that the receiver stays at a frame boundary until the whole of it
+    /// can be checked and forwarded. At most [`crate::frame::MAX_HELD`] bytes; its
+    /// allocation is kept once made (a few dozen bytes).
+    carry: Vec<u8>,
     /// Read but not yet accepted by the receiver. Empty (no allocation) unless the
     /// receiver is slower than the sender.
     pending: Vec<u8>,
@@ -327,11 +344,10 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(max_message: u64) -> Flow {
+    fn new(max_message: u64, rules: Rules) -> Flow {
         Flow {
-            walker: Walker::new(max_message),
-            carry: [0; MAX_HEADER],
-            carry_len: 0,
+            walker: Walker::with_rules(max_message, rules),
+            carry: Vec::new(),
             pending: Vec::new(),
             eof: false,
             bytes: 0,
@@ -354,16 +370,15 @@ impl Flow {
     /// Walks `data` (the carried header bytes first) and writes what may go to
     /// `to` now; the verdict when the sender broke the size limit or the protocol.
     fn forward<T: RelayIo>(&mut self, data: &[u8], to: &mut T) -> io::Result<Option<Stop>> {
-        self.carry_len = 0;
+        self.carry.clear();
         let (forward, stop) = match self.walker.walk(data) {
             Walk::Forward { held } => {
                 let end = data.len() - held;
-                self.carry[..held].copy_from_slice(&data[end..]);
-                self.carry_len = held;
+                self.carry.extend_from_slice(&data[end..]);
                 (&data[..end], None)
             }
             Walk::TooBig { at } => (&data[..at], Some(Stop::TooBig)),
-            Walk::Broken { at } => (&data[..at], Some(Stop::Broken)),
+            Walk::Broken { at, code } => (&data[..at], Some(Stop::Broken(code))),
         };
         write_now(to, forward, &mut self.pending)?;
         Ok(stop)
@@ -374,14 +389,15 @@ impl Flow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     TooBig,
-    Broken,
+    /// With the close code both ends get.
+    Broken(u16),
 }
 
 impl Stop {
     fn end(self, side: Side) -> End {
         match self {
             Stop::TooBig => End::TooBig(side),
-            Stop::Broken => End::Broken(side),
+            Stop::Broken(code) => End::Broken(side, code),
         }
     }
 }
@@ -414,8 +430,8 @@ fn pump<F: RelayIo, T: RelayIo>(
     flow: &mut Flow,
 ) -> Poll<Step> {
     READ_BUFFER.with_borrow_mut(|buf| {
-        let carried = flow.carry_len;
-        buf[..carried].copy_from_slice(&flow.carry[..carried]);
+        let carried = flow.carry.len();
+        buf[..carried].copy_from_slice(&flow.carry);
         let n = match ready!(from.poll_read_into(cx, &mut buf[carried..])) {
             Ok(0) => return Poll::Ready(Step::Eof),
             Ok(n) => n,
@@ -550,8 +566,8 @@ impl<B: RelayIo> Prepared<B> {
             limits,
             guards,
             meter,
-            up: Flow::new(limits.max_message_size),
-            down: Flow::new(limits.max_message_size),
+            up: Flow::new(limits.max_message_size, limits.rules(Side::Client)),
+            down: Flow::new(limits.max_message_size, limits.rules(Side::Backend)),
             first_close: None,
             last_activity: Instant::now(),
             first_close_at: None,
@@ -868,10 +884,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
                 Some(close_code::MESSAGE_TOO_BIG),
                 Some(close_code::MESSAGE_TOO_BIG),
             ),
-            End::Broken(_) => (
-                Some(close_code::PROTOCOL_ERROR),
-                Some(close_code::PROTOCOL_ERROR),
-            ),
+            End::Broken(_, code) => (Some(code), Some(code)),
             End::Idle | End::Shutdown => {
                 (Some(close_code::GOING_AWAY), Some(close_code::GOING_AWAY))
             }
@@ -973,6 +986,8 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             max_message_size: 1024,
             close_timeout: Duration::from_secs(5),
+            strict_frames: true,
+            extensions: false,
         };
         let prepared = Prepared::new(
             Polled::new(backend),

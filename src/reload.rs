@@ -45,7 +45,12 @@ impl Summary {
             parts.push(format!("listeners {}", [added, removed].concat().join(" ")));
         }
         let (o, n) = (&old.server, &new.server);
-        let server: [(&str, String, String); 7] = [
+        let server: [(&str, String, String); 8] = [
+            (
+                "strict_frames",
+                o.strict_frames.to_string(),
+                n.strict_frames.to_string(),
+            ),
             (
                 "max_connections",
                 o.max_connections.to_string(),

@@ -181,6 +181,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Reload when the config file changes on disk (as well as on SIGHUP).
     pub watch_config: bool,
+    /// Check every frame against RFC 6455 (masking, opcodes, RSV bits, fragments,
+    /// close frames); off, only control frames over 125 bytes are refused.
+    pub strict_frames: bool,
     /// After SIGTERM, how long the listeners keep accepting (while `/readyz`
     /// already answers 503), so a load balancer in front stops sending first.
     pub shutdown_delay: Duration,

@@ -80,6 +80,7 @@ pub(super) struct RawServer {
     pub(super) handshake_timeout: Option<Spanned<String>>,
     pub(super) max_header_bytes: Option<Spanned<RawSize>>,
     pub(super) watch_config: Option<bool>,
+    pub(super) strict_frames: Option<bool>,
     pub(super) shutdown_delay: Option<Spanned<String>>,
     pub(super) shutdown_spread: Option<Spanned<String>>,
     pub(super) shutdown_timeout: Option<Spanned<String>>,

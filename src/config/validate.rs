@@ -493,6 +493,7 @@ impl Report<'_> {
             handshake_timeout,
             max_header_bytes,
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
+            strict_frames: raw.strict_frames.unwrap_or(defaults::STRICT_FRAMES),
             shutdown_delay: self.duration(
                 raw.shutdown_delay.as_ref(),
                 "server.shutdown_delay",
