@@ -108,6 +108,20 @@ pub async fn forward(
                 let cookie = placement.set_cookie(pool, index, proto == "https");
                 return respond(response, guard, cookie);
             }
+            Ok(Err(e)) if crate::descriptors::exhausted_in(&e) => {
+                // wsgate's own condition: the backend is not blamed.
+                let io = std::io::Error::from_raw_os_error(24);
+                crate::descriptors::note("connect", &io);
+                count(
+                    &pool.name,
+                    &backend.addr.to_string(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                );
+                return full(handshake::plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "wsgate is out of file descriptors; retry shortly",
+                ));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(backend = %backend.addr, error = %crate::Chain(&e), "backend failed an HTTP request");
                 failure = (StatusCode::BAD_GATEWAY, backend.addr.to_string());

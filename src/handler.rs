@@ -27,7 +27,7 @@ use crate::metrics::{self as m, PoolMetrics};
 use crate::presence::{self, PresenceEntry};
 use crate::relay::{End, Guards, Limits, Meter, Outcome, Polled, Prepared, Side};
 use crate::state::{Route, Snapshot, State};
-use crate::upstream::{self, Answer, Upgraded};
+use crate::upstream::{self, Answer, Upgraded, UpstreamError};
 
 /// What every request needs; cheap to clone.
 #[derive(Clone)]
@@ -311,12 +311,27 @@ async fn ask_backends(
             })
         }
         Err(e) => {
-            tracing::warn!(error = %crate::Chain(&e), "no backend took the upgrade");
+            let mut response = handshake::plain(e.status(), &e.to_string());
+            if matches!(e, UpstreamError::OutOfDescriptors) {
+                // Logged once per episode where it was noticed; a retry may succeed,
+                // and this connection's descriptor is given back at once.
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            } else {
+                tracing::warn!(error = %crate::Chain(&e), "no backend took the upgrade");
+            }
             Err(Refusal {
                 pool: pool.name.clone(),
                 backend: e.backend().map(ToString::to_string).unwrap_or_default(),
                 result: e.label(),
-                response: Box::new(handshake::plain(e.status(), &e.to_string())),
+                response: Box::new(response),
             })
         }
     }

@@ -15,16 +15,25 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendAddr, CheckKind, HealthConfig};
 use crate::state::State;
 
-/// One check of one backend.
-async fn check(addr: &BackendAddr, config: &HealthConfig) -> bool {
+/// One check of one backend: `None` when wsgate itself is out of file descriptors,
+/// which says nothing about the backend.
+async fn check(addr: &BackendAddr, config: &HealthConfig) -> Option<bool> {
+    let deadline = Instant::now() + config.timeout;
+    let stream = match timeout_at(deadline, crate::upstream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if crate::descriptors::exhausted(&e) => {
+            crate::descriptors::note("check", &e);
+            return None;
+        }
+        _ => return Some(false),
+    };
     let attempt = async {
-        let stream = crate::upstream::connect(addr).await.ok()?;
         let (path, websocket) = match &config.kind {
             CheckKind::Tcp => return Some(true),
             CheckKind::Http { path } => (path, false),
@@ -82,7 +91,10 @@ async fn check(addr: &BackendAddr, config: &HealthConfig) -> bool {
         upgraded.shutdown().await.ok()?;
         Some(true)
     };
-    matches!(timeout(config.timeout, attempt).await, Ok(Some(true)))
+    Some(matches!(
+        timeout_at(deadline, attempt).await,
+        Ok(Some(true))
+    ))
 }
 
 /// Checks every pool that has health checks, each at its own interval, until
@@ -106,8 +118,9 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
                     let (backend, config, name) =
                         (backend.clone(), config.clone(), pool.name.clone());
                     round.spawn(async move {
-                        let ok = check(&backend.addr, &config).await;
-                        backend.record_check(&name, ok, &config);
+                        if let Some(ok) = check(&backend.addr, &config).await {
+                            backend.record_check(&name, ok, &config);
+                        }
                     });
                 }
             } else {

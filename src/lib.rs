@@ -33,6 +33,7 @@ pub mod balancer;
 pub mod closing;
 pub mod cluster;
 pub mod config;
+pub mod descriptors;
 pub mod discovery;
 pub mod drain;
 pub mod forward;

@@ -31,6 +31,7 @@ pub const BACKEND_UP: &str = "wsgate_backend_up";
 pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const INSTANCES: &str = "wsgate_instances";
+pub const DESCRIPTORS_EXHAUSTED: &str = "wsgate_descriptors_exhausted_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -78,6 +79,10 @@ fn describe() {
         "Connections all live instances hold, as this instance last read them."
     );
     describe_counter!(UPGRADES, "Upgrade requests by outcome.");
+    describe_counter!(
+        DESCRIPTORS_EXHAUSTED,
+        "Accepts, backend connects and health checks that failed because wsgate was out of file descriptors."
+    );
     describe_histogram!(
         UPGRADE_DURATION,
         Unit::Seconds,

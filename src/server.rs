@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::descriptors;
 use crate::handler::{self, Shared};
 
 /// First and longest pause after a failing `accept` (EMFILE and the like).
@@ -66,6 +67,7 @@ pub async fn accept_loop<F, Fut>(
         tracing::info!(%addr, "{what} listening");
     }
     let mut backoff = Backoff::new(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
+    let mut spare = descriptors::Spare::new();
     loop {
         let permit = match &permits {
             None => None,
@@ -87,6 +89,15 @@ pub async fn accept_loop<F, Fut>(
                 tracker.spawn(serve(stream, peer, permit));
             }
             Err(e) if is_per_connection(&e) => {}
+            Err(e) if descriptors::exhausted(&e) => {
+                descriptors::note("accept", &e);
+                // The spare descriptor lets one waiting client in to read a 503.
+                if spare.refuse_one(&listener).await {
+                    backoff.reset();
+                } else if !backoff.pause(&stop).await {
+                    return;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "{what}: accept failed, pausing");
                 if !backoff.pause(&stop).await {

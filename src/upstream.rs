@@ -90,6 +90,9 @@ impl RelayIo for BackendStream {
 pub enum UpstreamError {
     #[error("pool has no backend to send to")]
     NoBackend,
+    /// wsgate's own condition: no backend was at fault.
+    #[error("wsgate is out of file descriptors")]
+    OutOfDescriptors,
     #[error("connect to {addr} failed")]
     Connect {
         addr: BackendAddr,
@@ -125,7 +128,9 @@ impl UpstreamError {
     /// 503 when there was nobody to ask, 502 when those asked failed.
     pub fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamError::NoBackend | UpstreamError::OutOfDescriptors => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -133,7 +138,7 @@ impl UpstreamError {
     /// The backend it is about, if one was tried.
     pub fn backend(&self) -> Option<&BackendAddr> {
         match self {
-            UpstreamError::NoBackend => None,
+            UpstreamError::NoBackend | UpstreamError::OutOfDescriptors => None,
             UpstreamError::Connect { addr, .. }
             | UpstreamError::ConnectTimeout { addr }
             | UpstreamError::HandshakeTimeout { addr }
@@ -149,7 +154,9 @@ impl UpstreamError {
     pub fn retryable(&self) -> bool {
         !matches!(
             self,
-            UpstreamError::NoBackend | UpstreamError::Takeover { .. }
+            UpstreamError::NoBackend
+                | UpstreamError::OutOfDescriptors
+                | UpstreamError::Takeover { .. }
         )
     }
 
@@ -157,6 +164,7 @@ impl UpstreamError {
     pub fn label(&self) -> &'static str {
         match self {
             UpstreamError::NoBackend => "no_backend",
+            UpstreamError::OutOfDescriptors => "out_of_descriptors",
             UpstreamError::Connect { .. } => "backend_refused",
             UpstreamError::ConnectTimeout { .. } => "backend_timeout",
             UpstreamError::HandshakeTimeout { .. } => "backend_timeout",
@@ -209,6 +217,8 @@ pub async fn open(
                 backend.record_attempt(&pool.name, true, settings);
                 return Ok(answer);
             }
+            // Not the backend's doing: its health and counts stay as they were.
+            Err(e @ UpstreamError::OutOfDescriptors) => return Err(e),
             Err(e) => {
                 backend.record_attempt(&pool.name, false, settings);
                 metrics::counter!(
@@ -240,6 +250,10 @@ async fn attempt_one(
     let addr = || guard.backend().addr.clone();
     let stream = match timeout(settings.connect_timeout, connect(&guard.backend().addr)).await {
         Ok(Ok(stream)) => stream,
+        Ok(Err(source)) if crate::descriptors::exhausted(&source) => {
+            crate::descriptors::note("connect", &source);
+            return Err(UpstreamError::OutOfDescriptors);
+        }
         Ok(Err(source)) => {
             return Err(UpstreamError::Connect {
                 addr: addr(),

@@ -690,7 +690,10 @@ impl ProxyProcess {
             .arg(&path)
             .arg(limit)
             .arg(flag)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -763,6 +766,21 @@ impl ProxyProcess {
     }
 
     /// Waits until `n` log lines contain `pattern`.
+    /// The address the `what` listener (`admin`, `proxy`) logged, waiting up to 10 s.
+    pub async fn listening(&self, what: &str) -> SocketAddr {
+        let pattern = format!("{what} listening");
+        let found = || {
+            self.log.lock().unwrap().iter().find_map(|line| {
+                let rest = line
+                    .contains(&pattern)
+                    .then(|| line.split("addr=").nth(1))??;
+                rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+            })
+        };
+        wait_for(&pattern, Duration::from_secs(10), || found().is_some()).await;
+        found().expect("listening address")
+    }
+
     pub async fn wait_logged(&self, pattern: &str, n: usize, limit: Duration) {
         let what = format!("{n} log lines with `{pattern}`");
         wait_for(&what, limit, || self.logged(pattern) >= n).await;
