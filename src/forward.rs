@@ -7,7 +7,6 @@
 //! failing before its response head is retried on the next candidate for requests
 //! that can be sent again (GET, HEAD, OPTIONS without a body), never for others.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -52,19 +51,19 @@ pub fn full(response: Response<Full<Bytes>>) -> Response<ProxyBody> {
 /// Proxies one plain HTTP request to `route`'s pool.
 pub async fn forward(
     req: Request<Incoming>,
-    peer: SocketAddr,
+    conn: &crate::handler::Conn,
     route: &Route,
     client: &HttpClient,
     user: Option<String>,
-    proto: &'static str,
 ) -> Response<ProxyBody> {
+    let proto = conn.proto;
     let pool = &route.pool;
     let placement = crate::sticky::place(pool, &req);
     if let Some(result) = placement.result {
         metrics::counter!(m::STICKY, "pool" => pool.name.clone(), "result" => result).increment(1);
     }
     let (mut parts, body) = req.into_parts();
-    handshake::forwarded(&mut parts.headers, peer, proto, user.as_deref());
+    handshake::forwarded(&mut parts.headers, &conn.peer, proto, user.as_deref());
     let replayable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
         && body.is_end_stream();
     let attempts = if replayable {

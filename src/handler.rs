@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::clients::{IpSlot, OverLimit, Peer, PerIp};
 use crate::cluster::Cluster;
 use crate::forward::{ProxyBody, full};
 use crate::handshake::{self, Rejection};
@@ -44,6 +45,31 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// Pooled connections for plain HTTP requests (`http = "proxy"`).
     pub http: crate::forward::HttpClient,
+    /// Connections and upgrade allowances per client address.
+    pub per_ip: Arc<PerIp>,
+}
+
+/// One client connection's hold on wsgate's capacity: its `max_connections`
+/// permit and its address's slot under `max_connections_per_ip`. Shared by the
+/// connection's requests and its tunnel; released when the last of them ends.
+pub struct ConnHold {
+    /// Field order is release order: the address's slot, then the permit.
+    pub ip: Option<IpSlot>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// What every request of one client connection shares.
+#[derive(Clone)]
+pub struct Conn {
+    pub peer: Peer,
+    /// The address the client connected to (a pool's PROXY protocol names it).
+    pub local: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The address held more than `max_connections_per_ip` when this one came:
+    /// every request on it gets 429.
+    pub over_ip_limit: bool,
+    pub hold: Arc<ConnHold>,
 }
 
 /// Connection ids for logs, unique within the process.
@@ -87,13 +113,13 @@ struct Accepted {
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
 /// 101 with the tunnel started behind it.
-pub async fn handle(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    shared: Shared,
-    permit: Arc<OwnedSemaphorePermit>,
-    proto: &'static str,
-) -> Response<ProxyBody> {
+pub async fn handle(req: Request<Incoming>, conn: Conn, shared: Shared) -> Response<ProxyBody> {
+    if conn.over_ip_limit {
+        if handshake::is_upgrade(&req) {
+            m::upgrade_counter("", "", "ip_limited").increment(1);
+        }
+        return full(too_many(OverLimit::Connections));
+    }
     if let Some(page) = page(&shared, &req) {
         return full(page);
     }
@@ -109,19 +135,41 @@ pub async fn handle(
                 Ok(user) => user,
                 Err(refusal) => return full(*refusal.response),
             };
-            return crate::forward::forward(req, peer, route, &shared.http, user, proto).await;
+            return crate::forward::forward(req, &conn, route, &shared.http, user).await;
         }
     }
-    full(upgrade_request(req, peer, shared, permit, proto).await)
+    full(upgrade_request(req, conn, shared).await)
+}
+
+/// 429 for a client address over one of its limits.
+fn too_many(over: OverLimit) -> Response<Full<Bytes>> {
+    let (text, retry_after) = match over {
+        OverLimit::Connections => ("too many connections from your address", None),
+        OverLimit::Upgrades { retry_after } => (
+            "too many upgrades from your address: slow down",
+            Some(retry_after),
+        ),
+        OverLimit::Table => ("too many clients at once: try again shortly", Some(1)),
+    };
+    let mut response = handshake::plain(http::StatusCode::TOO_MANY_REQUESTS, text);
+    let headers = response.headers_mut();
+    if let Some(after) = retry_after {
+        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(after));
+    }
+    if over == OverLimit::Connections {
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// A WebSocket upgrade (or a request refused as one).
 async fn upgrade_request(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    conn: Conn,
     shared: Shared,
-    permit: Arc<OwnedSemaphorePermit>,
-    proto: &'static str,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let snapshot = shared.state.load();
@@ -129,14 +177,14 @@ async fn upgrade_request(
     let span = tracing::info_span!(
         "conn",
         id,
-        %peer,
+        peer = %conn.peer.client,
         route = tracing::field::Empty,
         pool = tracing::field::Empty,
         backend = tracing::field::Empty,
     );
     let instances = shared.cluster.instances();
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
-    let accepted = upgrade(&mut req, peer, &snapshot, &span, instances, proto)
+    let accepted = upgrade(&mut req, &conn, &snapshot, &shared.per_ip, &span, instances)
         .instrument(span.clone())
         .await;
     drop(in_flight);
@@ -159,7 +207,7 @@ async fn upgrade_request(
             let protocol = if accepted.h2 { "h2" } else { "h1" };
             ::metrics::counter!(m::WEBSOCKETS, "pool" => accepted.route_pool.name.clone(), "protocol" => protocol)
                 .increment(1);
-            start_tunnel(accepted, id, &shared, permit, span)
+            start_tunnel(accepted, id, &shared, conn.hold, span)
         }
         Err(refusal) => {
             m::upgrade_counter(&refusal.pool, &refusal.backend, refusal.result).increment(1);
@@ -198,17 +246,23 @@ fn page(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Full<Bytes>
 /// Route → validate → identity → backend.
 async fn upgrade(
     req: &mut Request<Incoming>,
-    peer: SocketAddr,
+    conn: &Conn,
     snapshot: &Snapshot,
+    per_ip: &PerIp,
     span: &tracing::Span,
     instances: usize,
-    proto: &'static str,
 ) -> Result<Accepted, Refusal> {
     handshake::normalize_path(req);
+    if let Some(rate) = snapshot.config.server.max_upgrades_per_ip
+        && let Err(over) = per_ip.upgrade(conn.peer.client.ip(), rate)
+    {
+        return Err(Refusal::new("", "ip_limited", too_many(over)));
+    }
     let route = find_route(snapshot, req)?;
     span.record("route", route.path.as_str());
     span.record("pool", route.pool.name.as_str());
     validate(route, req)?;
+    check_origin(route, req)?;
     let user = identity(route, req)?;
     admit(route, instances)?;
     let placement = crate::sticky::place(&route.pool, req);
@@ -218,11 +272,12 @@ async fn upgrade(
     }
     let h2 = req.version() == http::Version::HTTP_2;
     let client = hyper::upgrade::on(&mut *req);
-    let request = handshake::backend_request(req, peer, proto, user.as_deref());
+    let request = handshake::backend_request(req, &conn.peer, conn.proto, user.as_deref());
     // The backend's 101 was checked against this request's offer (the key wsgate
     // made for HTTP/2, or the client's own) in `upstream`.
-    let upgraded = ask_backends(route, request, placement.preferred).await?;
-    let cookie = placement.set_cookie(&route.pool, upgraded.index, proto == "https");
+    let addresses = (conn.peer.client, conn.local);
+    let upgraded = ask_backends(route, request, placement.preferred, addresses).await?;
+    let cookie = placement.set_cookie(&route.pool, upgraded.index, conn.proto == "https");
     span.record(
         "backend",
         tracing::field::display(&upgraded.guard.backend().addr),
@@ -254,6 +309,30 @@ fn validate(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
         tracing::debug!(?rejection, "rejected upgrade");
         Refusal::new(&route.pool.name, "bad_request", rejection.response())
     })
+}
+
+/// May a page from where it comes open it: the route's `origins`, when it has
+/// them. A request without `Origin` does not come from a browser page and passes.
+fn check_origin(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let Some(allowed) = &route.origins else {
+        return Ok(());
+    };
+    let Some(origin) = req.headers().get(http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    if allowed.contains(&origin) {
+        return Ok(());
+    }
+    tracing::debug!(origin, "origin not allowed");
+    Err(Refusal::new(
+        &route.pool.name,
+        "forbidden_origin",
+        handshake::plain(
+            http::StatusCode::FORBIDDEN,
+            "this origin may not open WebSockets here",
+        ),
+    ))
 }
 
 /// Whose is it: the presence identity, when the route reads one.
@@ -296,10 +375,11 @@ async fn ask_backends(
     route: &Route,
     request: Request<http_body_util::Empty<Bytes>>,
     preferred: Option<usize>,
+    addresses: (SocketAddr, SocketAddr),
 ) -> Result<Upgraded, Refusal> {
     let pool = &route.pool;
     let mut rng = fastrand::Rng::new();
-    match upstream::open(pool, request, &mut rng, preferred).await {
+    match upstream::open(pool, request, &mut rng, preferred, addresses).await {
         Ok(Answer::Upgraded(upgraded)) => Ok(upgraded),
         Ok(Answer::Declined { response, backend }) => {
             tracing::info!(status = %response.status(), %backend, "backend declined the upgrade");
@@ -342,7 +422,7 @@ fn start_tunnel(
     accepted: Accepted,
     id: u64,
     shared: &Shared,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnHold>,
     span: tracing::Span,
 ) -> Response<Full<Bytes>> {
     let Accepted {

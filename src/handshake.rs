@@ -3,8 +3,6 @@
 //!
 //! Every rejection here is decided before any backend is contacted.
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -342,7 +340,7 @@ pub const USER_HEADER: &str = "x-wsgate-user";
 /// route has an identity, X-Wsgate-User.
 pub fn backend_request<B>(
     req: &mut Request<B>,
-    peer: SocketAddr,
+    peer: &crate::clients::Peer,
     proto: &'static str,
     user: Option<&str>,
 ) -> Request<Empty<Bytes>> {
@@ -379,11 +377,11 @@ pub fn backend_request<B>(
 
 /// The headers a request takes to a backend, in place: end-to-end ones only
 /// (hop-by-hop and `Upgrade` removed), the identity wsgate read as
-/// X-Wsgate-User (never the client's own), and X-Forwarded-For (appended),
-/// -Proto and -Host.
+/// X-Wsgate-User (never the client's own), X-Forwarded-For (appended to for a
+/// trusted peer, replaced for anyone else), -Proto and -Host.
 pub fn forwarded(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &crate::clients::Peer,
     proto: &'static str,
     user: Option<&str>,
 ) {
@@ -393,11 +391,14 @@ pub fn forwarded(
         headers.insert(HeaderName::from_static(USER_HEADER), v);
     }
     let xff = header::HeaderName::from_static("x-forwarded-for");
-    let peer_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {peer_ip}"),
-        None => peer_ip,
-    };
+    // Several X-Forwarded-For lines are one list (RFC 9110 §5.3).
+    let earlier: Vec<&str> = headers
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let earlier = (!earlier.is_empty()).then(|| earlier.join(", "));
+    let forwarded_for = crate::clients::forwarded_for(earlier.as_deref(), peer);
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(xff, v);
     }
@@ -611,12 +612,12 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        let out = backend_request(
-            &mut build(),
-            "127.0.0.9:5000".parse().unwrap(),
-            "http",
-            Some("ada"),
-        );
+        // A trusted peer: its X-Forwarded-For is appended to.
+        let trusted = crate::clients::Peer {
+            client: "127.0.0.9:5000".parse().unwrap(),
+            trusted: true,
+        };
+        let out = backend_request(&mut build(), &trusted, "http", Some("ada"));
         let h = out.headers();
         assert_eq!(out.uri(), "/chat?room=1");
         assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
@@ -631,12 +632,13 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h["x-wsgate-user"], "ada");
         assert!(h.get("x-secret").is_none());
-        let anonymous = backend_request(
-            &mut build(),
-            "127.0.0.9:5000".parse().unwrap(),
-            "http",
-            None,
-        );
+        // Anyone else's is replaced.
+        let untrusted = crate::clients::Peer {
+            trusted: false,
+            ..trusted
+        };
+        let anonymous = backend_request(&mut build(), &untrusted, "http", None);
         assert!(anonymous.headers().get("x-wsgate-user").is_none());
+        assert_eq!(anonymous.headers()["x-forwarded-for"], "127.0.0.9");
     }
 }

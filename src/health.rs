@@ -18,14 +18,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendAddr, CheckKind, HealthConfig};
+use crate::config::{BackendAddr, CheckKind, HealthConfig, ProxyVersion};
 use crate::state::State;
 
 /// One check of one backend: `None` when wsgate itself is out of file descriptors,
 /// which says nothing about the backend.
-async fn check(addr: &BackendAddr, config: &HealthConfig) -> Option<bool> {
+async fn check(
+    addr: &BackendAddr,
+    config: &HealthConfig,
+    proxy: Option<ProxyVersion>,
+) -> Option<bool> {
     let deadline = Instant::now() + config.timeout;
-    let stream = match timeout_at(deadline, crate::upstream::connect(addr)).await {
+    let mut stream = match timeout_at(deadline, crate::upstream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) if crate::descriptors::exhausted(&e) => {
             crate::descriptors::note("check", &e);
@@ -34,6 +38,12 @@ async fn check(addr: &BackendAddr, config: &HealthConfig) -> Option<bool> {
         _ => return Some(false),
     };
     let attempt = async {
+        if let Some(version) = proxy {
+            // A backend behind the PROXY protocol expects it first, on checks
+            // too: v1 UNKNOWN, v2 LOCAL (the connection is wsgate's own).
+            let header = crate::clients::proxy_header(version, None);
+            stream.write_all(&header).await.ok()?;
+        }
         let (path, websocket) = match &config.kind {
             CheckKind::Tcp => return Some(true),
             CheckKind::Http { path } => (path, false),
@@ -117,8 +127,9 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
                 for backend in &pool.backends {
                     let (backend, config, name) =
                         (backend.clone(), config.clone(), pool.name.clone());
+                    let proxy = pool.settings.proxy_protocol;
                     round.spawn(async move {
-                        if let Some(ok) = check(&backend.addr, &config).await {
+                        if let Some(ok) = check(&backend.addr, &config, proxy).await {
                             backend.record_check(&name, ok, &config);
                         }
                     });

@@ -30,6 +30,7 @@ pub mod admin;
 pub mod backend;
 pub mod backoff;
 pub mod balancer;
+pub mod clients;
 pub mod closing;
 pub mod cluster;
 pub mod config;
@@ -464,6 +465,7 @@ impl Gateway {
             stopping: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             http: forward::client(),
+            per_ip: Arc::default(),
         };
         let admin = Arc::new(admin::Admin {
             state: self.state.clone(),

@@ -32,6 +32,7 @@ pub const REDIS_UP: &str = "wsgate_redis_up";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const INSTANCES: &str = "wsgate_instances";
 pub const DESCRIPTORS_EXHAUSTED: &str = "wsgate_descriptors_exhausted_total";
+pub const PROXY_HEADER_ERRORS: &str = "wsgate_proxy_header_errors_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -79,6 +80,10 @@ fn describe() {
         "Connections all live instances hold, as this instance last read them."
     );
     describe_counter!(UPGRADES, "Upgrade requests by outcome.");
+    describe_counter!(
+        PROXY_HEADER_ERRORS,
+        "Connections from trusted proxies closed for a missing or malformed PROXY protocol header."
+    );
     describe_counter!(
         DESCRIPTORS_EXHAUSTED,
         "Accepts, backend connects and health checks that failed because wsgate was out of file descriptors."

@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 
 use crate::balancer::ConnGuard;
@@ -308,7 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RelayIo for Polled<S> {
 /// Everything one proxied connection holds while it lives. Fields are released in
 /// the order they are declared: the backend's count and the presence entry as soon
 /// as the backend side is closed ([`Guards::release_backend`]), the client's slot
-/// when the tunnel task ends. (A per-client-address slot goes before `permit`.)
+/// when the tunnel task ends.
 pub struct Guards {
     /// One unit of the backend's connection count.
     pub backend: Option<ConnGuard>,
@@ -316,7 +315,8 @@ pub struct Guards {
     pub presence: Option<PresenceGuard>,
     /// The client connection's slot under `max_connections`, shared by the
     /// requests of one HTTP connection: held until the client socket is closed.
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// With the client address's slot under `max_connections_per_ip`.
+    pub permit: Option<Arc<crate::handler::ConnHold>>,
 }
 
 impl Guards {

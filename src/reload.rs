@@ -45,7 +45,27 @@ impl Summary {
             parts.push(format!("listeners {}", [added, removed].concat().join(" ")));
         }
         let (o, n) = (&old.server, &new.server);
-        let server: [(&str, String, String); 8] = [
+        let server: [(&str, String, String); 12] = [
+            (
+                "max_connections_per_ip",
+                format!("{:?}", o.max_connections_per_ip),
+                format!("{:?}", n.max_connections_per_ip),
+            ),
+            (
+                "max_upgrades_per_ip",
+                format!("{:?}", o.max_upgrades_per_ip),
+                format!("{:?}", n.max_upgrades_per_ip),
+            ),
+            (
+                "trusted_proxies",
+                format!("{:?}", o.trusted_proxies),
+                format!("{:?}", n.trusted_proxies),
+            ),
+            (
+                "proxy_protocol",
+                o.proxy_protocol.to_string(),
+                n.proxy_protocol.to_string(),
+            ),
             (
                 "strict_frames",
                 o.strict_frames.to_string(),

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::clients::{self, Peer};
 use crate::descriptors;
-use crate::handler::{self, Shared};
+use crate::handler::{self, Conn, ConnHold, Shared};
 
 /// First and longest pause after a failing `accept` (EMFILE and the like).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
@@ -144,8 +145,10 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
             let shared = shared.clone();
             async move {
                 nodelay(&stream, peer);
-                if let Some(permit) = permit {
-                    serve_connection(stream, peer, shared, Arc::new(permit), "http").await;
+                let Some(permit) = permit else { return };
+                let mut stream = stream;
+                if let Some(conn) = admit(&mut stream, peer, &shared, permit, "http").await {
+                    serve_connection(stream, conn, shared).await;
                 }
             }
         },
@@ -153,22 +156,60 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
     .await
 }
 
+/// Who a new client connection is and what it may hold: the PROXY protocol
+/// header from a trusted proxy (when `[server] proxy_protocol` is on) names the
+/// client; then its address's slot under `max_connections_per_ip`. `None` when
+/// the connection is to be closed (a bad or missing PROXY header).
+async fn admit(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    shared: &Shared,
+    permit: OwnedSemaphorePermit,
+    proto: &'static str,
+) -> Option<Conn> {
+    let settings = &shared.state.load().config.server;
+    let local = stream.local_addr().unwrap_or(addr);
+    let mut peer = Peer::direct(addr, settings);
+    if settings.proxy_protocol && peer.trusted {
+        let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
+        match clients::read_proxy_header(stream, deadline).await {
+            Ok(Some(client)) => peer = Peer::direct(client, settings),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "refused a connection from a trusted proxy");
+                ::metrics::counter!(crate::metrics::PROXY_HEADER_ERRORS).increment(1);
+                return None;
+            }
+        }
+    }
+    let (ip, over_ip_limit) = match settings.max_connections_per_ip {
+        None => (None, false),
+        Some(max) => match shared.per_ip.connect(peer.client.ip(), max) {
+            Ok(slot) => (Some(slot), false),
+            Err(_) => (None, true),
+        },
+    };
+    Some(Conn {
+        peer,
+        local,
+        proto,
+        over_ip_limit,
+        hold: Arc::new(ConnHold { ip, permit }),
+    })
+}
+
 /// Serves one client connection: HTTP/1.1 with upgrades, its head read within
 /// `handshake_timeout` and bounded by `max_header_bytes`.
-async fn serve_connection<I>(
-    stream: I,
-    peer: SocketAddr,
-    shared: Shared,
-    permit: Arc<OwnedSemaphorePermit>,
-    proto: &'static str,
-) where
+async fn serve_connection<I>(stream: I, conn: Conn, shared: Shared)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let settings = shared.state.load().config.server.clone();
     let stopping = shared.stopping.clone();
+    let peer = conn.peer.client;
     let service = service_fn(move |req| {
-        let (shared, permit) = (shared.clone(), permit.clone());
-        async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit, proto).await) }
+        let (shared, conn) = (shared.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handler::handle(req, conn, shared).await) }
     });
     let served = serve_h1(
         stream,
@@ -208,6 +249,11 @@ pub async fn serve_tls(
             async move {
                 let Some(permit) = permit else { return };
                 nodelay(&stream, peer);
+                let mut stream = stream;
+                let Some(conn) = admit(&mut stream, peer, &shared, permit, "https").await else {
+                    return;
+                };
+                let peer = conn.peer.client;
                 let limit = shared.state.load().config.server.handshake_timeout;
                 let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
@@ -221,11 +267,10 @@ pub async fn serve_tls(
                     }
                 };
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                let permit = Arc::new(permit);
                 if h2 {
-                    serve_h2(tls, peer, shared, permit).await;
+                    serve_h2(tls, conn, shared).await;
                 } else {
-                    serve_connection(tls, peer, shared, permit, "https").await;
+                    serve_connection(tls, conn, shared).await;
                 }
             }
         },
@@ -239,14 +284,15 @@ const H2_MAX_STREAMS: u32 = 100;
 const H2_STREAM_WINDOW: u32 = 128 * 1024;
 
 /// Serves HTTP/2 on a TLS stream, with extended CONNECT for WebSockets.
-async fn serve_h2<I>(stream: I, peer: SocketAddr, shared: Shared, permit: Arc<OwnedSemaphorePermit>)
+async fn serve_h2<I>(stream: I, conn: Conn, shared: Shared)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let stopping = shared.stopping.clone();
+    let peer = conn.peer.client;
     let service = service_fn(move |req| {
-        let (shared, permit) = (shared.clone(), permit.clone());
-        async move { Ok::<_, Infallible>(handler::handle(req, peer, shared, permit, "https").await) }
+        let (shared, conn) = (shared.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handler::handle(req, conn, shared).await) }
     });
     let mut builder =
         hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -37,6 +37,8 @@ pub struct Route {
     pub identity: Option<IdentitySource>,
     /// Plain HTTP requests are proxied to the pool (`http = "proxy"`).
     pub http_proxy: bool,
+    /// Allowed browser origins (`None`: any).
+    pub origins: Option<Vec<String>>,
 }
 
 impl Route {
@@ -124,6 +126,7 @@ impl Snapshot {
                     metrics: metrics.get(r.pool.as_str())?.clone(),
                     identity: r.identity.clone(),
                     http_proxy: r.http_proxy,
+                    origins: r.origins.clone(),
                 })
             })
             .collect();

@@ -2,6 +2,7 @@
 //! a backend refuses or times out), send the handshake and read the answer.
 
 use std::io;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -187,6 +188,7 @@ pub async fn open(
     request: Request<Empty<Bytes>>,
     rng: &mut fastrand::Rng,
     preferred: Option<usize>,
+    addresses: (SocketAddr, SocketAddr),
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
     let attempts = settings.retries + 1;
@@ -212,7 +214,7 @@ pub async fn open(
                 None => break,
             },
         };
-        match attempt_one(pool, this, index, guard).await {
+        match attempt_one(pool, this, index, guard, addresses).await {
             Ok(answer) => {
                 backend.record_attempt(&pool.name, true, settings);
                 return Ok(answer);
@@ -245,6 +247,7 @@ async fn attempt_one(
     request: Request<Empty<Bytes>>,
     index: usize,
     guard: ConnGuard,
+    addresses: (SocketAddr, SocketAddr),
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
     let addr = || guard.backend().addr.clone();
@@ -265,6 +268,17 @@ async fn attempt_one(
     let addr = addr();
     let shaken =
         async {
+            let mut stream = stream;
+            if let Some(version) = settings.proxy_protocol {
+                // First, before TLS: who the client is, as the backend asked.
+                let header = crate::clients::proxy_header(version, Some(addresses));
+                tokio::io::AsyncWriteExt::write_all(&mut stream, &header)
+                    .await
+                    .map_err(|source| UpstreamError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            }
             match (&pool.tls, &settings.tls) {
                 (Some(client), Some(tls)) => {
                     let host = match &addr {

@@ -115,7 +115,12 @@ fn reference(stream: &[u8], max: u64, rules: Rules) -> Verdict {
                 .map(|(i, b)| b ^ key[i % 4])
                 .collect();
             let code = match body.len() {
-                0 => 1005,
+                // No status code: nothing to check.
+                0 => {
+                    v.close.get_or_insert(1005);
+                    pos += end as usize;
+                    continue;
+                }
                 1 if rules.strict => {
                     v.stop = stop(1002);
                     return v;

@@ -184,6 +184,18 @@ pub struct ServerConfig {
     /// Check every frame against RFC 6455 (masking, opcodes, RSV bits, fragments,
     /// close frames); off, only control frames over 125 bytes are refused.
     pub strict_frames: bool,
+    /// Connections one client address (IPv6: its /64) may hold; over it, 429.
+    /// `None`: no limit.
+    pub max_connections_per_ip: Option<u32>,
+    /// Upgrades per second one client address may make (bursts up to the same
+    /// number); over it, 429 with `Retry-After`. `None`: no limit.
+    pub max_upgrades_per_ip: Option<u32>,
+    /// Peers that may say who the client is: by the PROXY protocol, or by an
+    /// X-Forwarded-For that is kept and appended to (anyone else's is replaced).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Connections from `trusted_proxies` start with a PROXY protocol header (v1
+    /// or v2), which names the client.
+    pub proxy_protocol: bool,
     /// After SIGTERM, how long the listeners keep accepting (while `/readyz`
     /// already answers 503), so a load balancer in front stops sending first.
     pub shutdown_delay: Duration,
@@ -205,6 +217,9 @@ pub struct RouteConfig {
     /// `http = "proxy"`: plain HTTP requests are proxied to the pool too (Socket.IO
     /// polling, SignalR negotiation); `"reject"` (the default): 426.
     pub http_proxy: bool,
+    /// Browser origins allowed to open WebSockets here, lower-cased
+    /// (`https://app.example.com`); others get 403. `None`: any.
+    pub origins: Option<Vec<String>>,
 }
 
 /// How a pool keeps a client on one backend (`[pool.NAME.sticky]`).
@@ -314,6 +329,15 @@ pub struct PoolConfig {
     pub sticky: Option<Sticky>,
     /// `[pool.NAME.tls]`: connect to the backends over TLS.
     pub tls: Option<BackendTls>,
+    /// Send each backend connection a PROXY protocol header first.
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// Which PROXY protocol header a pool sends its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 /// A backend entry that stands for every address of a DNS name.
@@ -370,6 +394,7 @@ impl PoolConfig {
             request_timeout: defaults::REQUEST_TIMEOUT,
             sticky: None,
             tls: None,
+            proxy_protocol: None,
         }
     }
 }
@@ -583,6 +608,44 @@ idle_timeout = "30s"
             shown.contains("fix: define [pool.missing], or name one of: chat"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn client_trust_and_limits_are_checked() {
+        let text = "[server]\nlisten = [\"127.0.0.1:1\"]\nproxy_protocol = true\nmax_upgrades_per_ip = 0\n\n[[route]]\npath = \"/ws\"\npool = \"chat\"\norigins = [\"app.example.com\", \"https://ok.example.com:443\"]\nhttp = \"proxy\"\n\n[pool.chat]\nbackends = [{ addr = \"10.0.0.1:80\" }]\nproxy_protocol = \"v3\"\n";
+        let err = Config::parse(text, "x.toml").expect_err("invalid");
+        let found: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            found,
+            vec![
+                "server.proxy_protocol",
+                "server.max_upgrades_per_ip",
+                "route[0].origins[0]",
+                "pool.chat.proxy_protocol",
+            ],
+            "{err}"
+        );
+        let text = "[server]\nlisten = [\"127.0.0.1:1\"]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::1\", \"nonsense\"]\n";
+        let err = Config::parse(text, "x.toml").expect_err("invalid");
+        assert_eq!(err.problems()[0].key, "server.trusted_proxies[2]", "{err}");
+        let good = "[server]\nlisten = [\"127.0.0.1:1\"]\ntrusted_proxies = [\"10.1.2.3/8\", \"fd00::1\"]\nproxy_protocol = true\n\n[[route]]\npath = \"/ws\"\npool = \"chat\"\norigins = [\"HTTPS://App.Example.com:443\", \"http://localhost:8080\"]\n\n[pool.chat]\nbackends = [{ addr = \"10.0.0.1:80\" }]\nproxy_protocol = \"v2\"\n";
+        let config = Config::parse(good, "x.toml").expect("valid");
+        assert_eq!(
+            config.server.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<ipnet::IpNet>().unwrap(),
+                "fd00::1/128".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            config.routes[0].origins,
+            Some(vec![
+                "https://app.example.com".into(),
+                "http://localhost:8080".into()
+            ])
+        );
+        assert_eq!(config.pools["chat"].proxy_protocol, Some(ProxyVersion::V2));
+        assert!(config.server.strict_frames);
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub(super) struct RawServer {
     pub(super) max_header_bytes: Option<Spanned<RawSize>>,
     pub(super) watch_config: Option<bool>,
     pub(super) strict_frames: Option<bool>,
+    pub(super) max_connections_per_ip: Option<Spanned<i64>>,
+    pub(super) max_upgrades_per_ip: Option<Spanned<i64>>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) proxy_protocol: Option<Spanned<bool>>,
     pub(super) shutdown_delay: Option<Spanned<String>>,
     pub(super) shutdown_spread: Option<Spanned<String>>,
     pub(super) shutdown_timeout: Option<Spanned<String>>,
@@ -93,6 +97,7 @@ pub(super) struct RawRoute {
     pub(super) pool: Spanned<String>,
     pub(super) identity: Option<Spanned<String>>,
     pub(super) http: Option<Spanned<String>>,
+    pub(super) origins: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +122,7 @@ pub(super) struct RawPool {
     pub(super) request_timeout: Option<Spanned<String>>,
     pub(super) sticky: Option<RawSticky>,
     pub(super) tls: Option<RawBackendTls>,
+    pub(super) proxy_protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

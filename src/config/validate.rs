@@ -486,6 +486,35 @@ impl Report<'_> {
             defaults::MIN_HEADER_BYTES..=defaults::MAX_HEADER_BYTES_LIMIT,
             defaults::MAX_HEADER_BYTES as u64,
         ) as usize;
+        let mut trusted_proxies = Vec::new();
+        for (i, net) in raw.trusted_proxies.iter().flatten().enumerate() {
+            let text = net.get_ref().trim();
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(n) => trusted_proxies.push(n.trunc()),
+                Err(_) => self.push(
+                    net.span(),
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("`{text}` is not an address or a network"),
+                    "write an address (\"10.0.0.5\") or a network in CIDR form (\"10.0.0.0/8\", \"fd00::/8\")",
+                ),
+            }
+        }
+        let proxy_protocol = match &raw.proxy_protocol {
+            Some(on) if *on.get_ref() && raw.trusted_proxies.as_ref().is_none_or(Vec::is_empty) => {
+                self.push(
+                    on.span(),
+                    "server.proxy_protocol",
+                    "proxy_protocol is on but no peer is trusted to send it".into(),
+                    "list your load balancers in trusted_proxies = [\"10.0.0.0/8\"], or turn proxy_protocol off",
+                );
+                false
+            }
+            Some(on) => *on.get_ref(),
+            None => false,
+        };
         ServerConfig {
             listen,
             max_connections,
@@ -494,6 +523,24 @@ impl Report<'_> {
             max_header_bytes,
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
             strict_frames: raw.strict_frames.unwrap_or(defaults::STRICT_FRAMES),
+            max_connections_per_ip: raw.max_connections_per_ip.as_ref().map(|n| {
+                self.integer(
+                    Some(n),
+                    "server.max_connections_per_ip",
+                    1..=u64::from(u32::MAX),
+                    1,
+                ) as u32
+            }),
+            max_upgrades_per_ip: raw.max_upgrades_per_ip.as_ref().map(|n| {
+                self.integer(
+                    Some(n),
+                    "server.max_upgrades_per_ip",
+                    1..=defaults::MAX_UPGRADE_RATE,
+                    1,
+                ) as u32
+            }),
+            trusted_proxies,
+            proxy_protocol,
             shutdown_delay: self.duration(
                 raw.shutdown_delay.as_ref(),
                 "server.shutdown_delay",
@@ -681,6 +728,22 @@ impl Report<'_> {
                 .sticky
                 .and_then(|s| self.sticky(&format!("{key}.sticky"), s)),
             tls: raw.tls.map(|t| self.backend_tls(&format!("{key}.tls"), t)),
+            proxy_protocol: match raw.proxy_protocol.as_ref() {
+                None => None,
+                Some(p) => match p.get_ref().as_str() {
+                    "v1" => Some(ProxyVersion::V1),
+                    "v2" => Some(ProxyVersion::V2),
+                    other => {
+                        self.push(
+                            p.span(),
+                            format!("{key}.proxy_protocol"),
+                            format!("`{other}` is not a PROXY protocol version"),
+                            "write \"v1\" (text) or \"v2\" (binary), as the backends expect",
+                        );
+                        None
+                    }
+                },
+            },
             dns_refresh: self.duration(
                 raw.dns_refresh.as_ref(),
                 &format!("{key}.dns_refresh"),
@@ -759,6 +822,17 @@ impl Report<'_> {
         };
         let http_proxy = match raw.http.as_ref().map(|h| h.get_ref().as_str()) {
             None | Some("reject") => false,
+            Some("proxy") if pools.get(pool).is_some_and(|p| p.proxy_protocol.is_some()) => {
+                ok = false;
+                let span = raw.http.as_ref().map(|h| h.span()).unwrap_or(0..0);
+                self.push(
+                    span,
+                    format!("{key}.http"),
+                    format!("pool `{pool}` sends the PROXY protocol, which proxied HTTP requests (on shared keep-alive connections) cannot carry"),
+                    "route plain HTTP to a pool without proxy_protocol, or leave http = \"reject\"",
+                );
+                false
+            }
             Some("proxy") => true,
             Some(other) => {
                 ok = false;
@@ -772,12 +846,31 @@ impl Report<'_> {
                 false
             }
         };
+        let origins = raw.origins.as_ref().map(|list| {
+            let mut origins = Vec::new();
+            for (i, origin) in list.iter().enumerate() {
+                match normalize_origin(origin.get_ref()) {
+                    Some(o) => origins.push(o),
+                    None => {
+                        ok = false;
+                        self.push(
+                            origin.span(),
+                            format!("{key}.origins[{i}]"),
+                            format!("`{}` is not an origin", origin.get_ref()),
+                            "write a scheme and host, with a port if not the default, like \"https://app.example.com\"",
+                        );
+                    }
+                }
+            }
+            origins
+        });
         ok.then(|| RouteConfig {
             host,
             path: normalize_prefix(path),
             pool: pool.clone(),
             identity,
             http_proxy,
+            origins,
         })
     }
 
@@ -902,4 +995,29 @@ fn normalize_prefix(path: &str) -> String {
     } else {
         trimmed.to_string()
     }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, lower-cased, the
+/// scheme's default port left out. `None` when `text` is not one.
+pub fn normalize_origin(text: &str) -> Option<String> {
+    let uri: http::Uri = text.trim().parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let authority = uri.authority()?;
+    let path_ok = matches!(
+        uri.path_and_query().map(|p| p.as_str()),
+        None | Some("/") | Some("")
+    );
+    if !path_ok || authority.as_str().contains('@') {
+        return None;
+    }
+    let host = authority.host().to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    };
+    Some(match authority.port_u16() {
+        Some(port) if Some(port) != default => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
