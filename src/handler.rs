@@ -113,7 +113,7 @@ struct Accepted {
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
 /// 101 with the tunnel started behind it.
-pub async fn handle(req: Request<Incoming>, conn: Conn, shared: Shared) -> Response<ProxyBody> {
+pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> Response<ProxyBody> {
     if conn.over_ip_limit {
         if handshake::is_upgrade(&req) {
             m::upgrade_counter("", "", "ip_limited").increment(1);
@@ -126,6 +126,8 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, shared: Shared) -> Respo
     if shared.stopping.is_cancelled() {
         return full(shutting_down());
     }
+    // Once, before routing: routing and the backend see the same path.
+    handshake::normalize_path(&mut req);
     if !handshake::is_upgrade(&req) {
         let snapshot = shared.state.load();
         if let Some(route) = snapshot.route(handshake::request_host(&req), req.uri().path())
@@ -252,7 +254,6 @@ async fn upgrade(
     span: &tracing::Span,
     instances: usize,
 ) -> Result<Accepted, Refusal> {
-    handshake::normalize_path(req);
     if let Some(rate) = snapshot.config.server.max_upgrades_per_ip
         && let Err(over) = per_ip.upgrade(conn.peer.client.ip(), rate)
     {

@@ -569,3 +569,34 @@ async fn routing_and_the_backend_see_the_same_normal_path() {
         }
     }
 }
+
+/// Proxied plain HTTP (`http = "proxy"`) is normalised the same way.
+#[tokio::test]
+async fn proxied_http_sees_the_same_normal_path() {
+    let backend = HttpBackend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[route]]\npath = \"/public\"\npool = \"p\"\nhttp = \"proxy\"\n{}",
+        pool("p", &[(backend.addr, 1)], "")
+    ))
+    .await;
+    for (target, status, path) in [
+        ("/x/../public//a", "200", Some("/public/a")),
+        ("/public/%2e%2e/private", "404", None),
+        ("/public/./b/%2E%2E/c", "200", Some("/public/c")),
+    ] {
+        let before = backend.requests.load(Ordering::SeqCst);
+        let head = raw_request(
+            proxy.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(
+            head.lines().next().unwrap_or_default().contains(status),
+            "{target}: expected {status}, got {head}"
+        );
+        assert_eq!(backend.requests.load(Ordering::SeqCst) > before, path.is_some(), "{target}");
+        if let Some(path) = path {
+            assert!(head.contains(&format!("x-path: {path}\r\n")), "{target}: {head}");
+        }
+    }
+}

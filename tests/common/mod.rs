@@ -942,6 +942,7 @@ impl HttpBackend {
                         hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                             let name = name.clone();
                             requests.fetch_add(1, Ordering::SeqCst);
+                            let path = req.uri().path().to_string();
                             async move {
                                 let mut response = if let Some(key) =
                                     req.headers().get("sec-websocket-key").cloned()
@@ -1010,6 +1011,9 @@ impl HttpBackend {
                                 response
                                     .headers_mut()
                                     .insert("x-backend", HeaderValue::from_str(&name).unwrap());
+                                if let Ok(path) = HeaderValue::from_str(&path) {
+                                    response.headers_mut().insert("x-path", path);
+                                }
                                 Ok::<_, hyper::Error>(response)
                             }
                         });
