@@ -387,63 +387,364 @@ async fn ambiguous_upgrade_requests_are_refused() {
     }
 }
 
-/// A control frame no endpoint may send (a 126-byte ping, a 2 MiB ping through a
-/// pool whose limit is 1 MiB, a fragmented ping) ends the tunnel with 1002 to both
-/// sides before a byte of it reaches the backend; a bystander keeps echoing.
+/// Which way a bad frame travels.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dir {
+    FromClient,
+    FromBackend,
+}
+
+/// A close frame's payload: the code and a reason.
+fn close_body(code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(reason);
+    body
+}
+
+/// Frame sequences that break RFC 6455 or the pool's size limit, either way:
+/// (name, direction, the valid frames before it, the bad frame, the close code
+/// both ends get, the pool). What comes before is forwarded; nothing of the bad
+/// frame is.
+fn frame_cases() -> Vec<(&'static str, Dir, Vec<u8>, Vec<u8>, u16, &'static str)> {
+    use Dir::*;
+    let key = Some([9, 8, 7, 6]);
+    let c = |first: u8, payload: &[u8]| frame(first, payload, key);
+    let s = |first: u8, payload: &[u8]| frame(first, payload, None);
+    let start = c(0x01, b"part");
+    vec![
+        (
+            "an unmasked client frame",
+            FromClient,
+            vec![],
+            s(0x81, b"hi"),
+            1002,
+            "/",
+        ),
+        (
+            "reserved data opcode 3",
+            FromClient,
+            vec![],
+            c(0x83, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "reserved control opcode 0xB",
+            FromClient,
+            vec![],
+            c(0x8b, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "RSV1 without an extension",
+            FromClient,
+            vec![],
+            c(0xc1, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "RSV3 without an extension",
+            FromClient,
+            vec![],
+            c(0x91, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "a continuation with nothing to continue",
+            FromClient,
+            vec![],
+            c(0x80, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "a new message inside a fragmented one",
+            FromClient,
+            start.clone(),
+            c(0x81, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "a close with a 1-byte body",
+            FromClient,
+            vec![],
+            c(0x88, &[3]),
+            1002,
+            "/",
+        ),
+        (
+            "close code 999",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(999, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "close code 1005",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(1005, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "close code 1006",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(1006, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "close code 1015",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(1015, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "close code 5000",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(5000, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "a close reason that is not UTF-8",
+            FromClient,
+            vec![],
+            c(0x88, &close_body(1000, &[0xff, 0xfe])),
+            1007,
+            "/",
+        ),
+        (
+            "a 126-byte ping",
+            FromClient,
+            vec![],
+            c(0x89, &[0u8; 126]),
+            1002,
+            "/",
+        ),
+        (
+            "a 2 MiB ping",
+            FromClient,
+            vec![],
+            c(0x89, &vec![0u8; 2 << 20]),
+            1002,
+            "/",
+        ),
+        (
+            "a fragmented ping",
+            FromClient,
+            vec![],
+            c(0x09, b"part"),
+            1002,
+            "/",
+        ),
+        (
+            "a ping over max_message_size",
+            FromClient,
+            vec![],
+            c(0x89, &[0u8; 120]),
+            1009,
+            "/small",
+        ),
+        (
+            "a reserved-opcode frame over max_message_size",
+            FromClient,
+            vec![],
+            c(0x83, &[0u8; 300]),
+            1002,
+            "/small",
+        ),
+        (
+            "a message over max_message_size",
+            FromClient,
+            vec![],
+            c(0x82, &[0u8; 200]),
+            1009,
+            "/small",
+        ),
+        (
+            "a fragment taking the message over",
+            FromClient,
+            c(0x02, &[0u8; 60]),
+            c(0x80, &[0u8; 60]),
+            1009,
+            "/small",
+        ),
+        (
+            "a masked backend frame",
+            FromBackend,
+            vec![],
+            c(0x81, b"hi"),
+            1002,
+            "/",
+        ),
+        (
+            "a reserved opcode from the backend",
+            FromBackend,
+            vec![],
+            s(0x84, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "RSV2 from the backend",
+            FromBackend,
+            vec![],
+            s(0xa1, b"x"),
+            1002,
+            "/",
+        ),
+        (
+            "close code 1005 from the backend",
+            FromBackend,
+            vec![],
+            s(0x88, &close_body(1005, b"")),
+            1002,
+            "/",
+        ),
+        (
+            "a bad close reason from the backend",
+            FromBackend,
+            vec![],
+            s(0x88, &close_body(1001, &[0xc3, 0x28])),
+            1007,
+            "/",
+        ),
+        (
+            "a 126-byte pong from the backend",
+            FromBackend,
+            vec![],
+            s(0x8a, &[0u8; 126]),
+            1002,
+            "/",
+        ),
+    ]
+}
+
+/// Each bad frame ends its tunnel with the case's close code to both ends, the
+/// frames before it delivered and not a byte of it; a bystander keeps echoing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_frames_no_endpoint_may_send_are_not_forwarded() {
+async fn frames_that_break_the_protocol_close_both_ends_before_a_byte_goes_on() {
     let bystander_backend = EchoBackend::start().await;
     let mut backend = RawBackend::start("").await;
+    let mut small = RawBackend::start("").await;
     let proxy = Proxy::start(&format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}{}",
         route("/bystander", "by"),
         pool("by", &[(bystander_backend.addr, 1)], ""),
+        route("/small", "small"),
+        pool("small", &[(small.addr, 1)], "max_message_size = 100\n"),
         route("/", "p"),
         pool("p", &[(backend.addr, 1)], "max_message_size = \"1MiB\"\n")
     ))
     .await;
     let mut bystander = connect(&proxy.url("/bystander")).await;
-    let key = Some([9, 8, 7, 6]);
-    let cases: [(&str, Vec<u8>); 3] = [
-        ("a 126-byte ping", frame(0x89, &[0u8; 126], key)),
-        ("a 2 MiB ping", frame(0x89, &vec![0u8; 2 << 20], key)),
-        ("a fragmented ping", frame(0x09, b"part", key)),
-    ];
-    for (name, bad) in cases {
+    let cases = frame_cases();
+    assert!(cases.len() >= 25);
+    for (name, dir, before, bad, code, path) in cases {
         let mut client = tokio::net::TcpStream::connect(proxy.addr)
             .await
             .expect("connect");
         client
-            .write_all(upgrade_request("/", "").as_bytes())
+            .write_all(upgrade_request(path, "").as_bytes())
             .await
             .expect("write");
-        let (mut server, _) = backend.next().await;
+        let target = if path == "/small" {
+            &mut small
+        } else {
+            &mut backend
+        };
+        let (mut server, _) = target.next().await;
         let response = read_head(&mut client).await;
         assert!(response.starts_with("HTTP/1.1 101"), "{name}: {response}");
-        let good = frame(0x81, b"fine", key);
-        // The bad frame may be cut short by the close: ignore write errors.
-        let _ = client.write_all(&[good.clone(), bad].concat()).await;
-        // The backend gets the good frame, then wsgate's close 1002: nothing of
-        // the bad frame.
-        assert_eq!(read_exact(&mut server, good.len()).await, good, "{name}");
-        let close = read_exact(&mut server, 8).await;
-        assert_eq!(close[0], 0x88, "{name}: a close frame");
-        assert_eq!(close[1], 0x82, "{name}: masked, 2 bytes");
-        let code = u16::from_be_bytes([close[6] ^ close[2], close[7] ^ close[3]]);
-        assert_eq!(code, 1002, "{name}");
-        // The client gets 1002 too.
-        let head = read_exact(&mut client, 4).await;
-        assert_eq!(
-            head,
-            vec![0x88, 0x02, 0x03, 0xea],
-            "{name}: client close 1002"
-        );
+        let code_bytes = code.to_be_bytes();
+        match dir {
+            Dir::FromClient => {
+                // The bad frame may be cut short by the close: ignore write errors.
+                let _ = client.write_all(&[before.clone(), bad].concat()).await;
+                // The backend gets what came before, then wsgate's close: nothing
+                // of the bad frame.
+                assert_eq!(
+                    read_exact(&mut server, before.len()).await,
+                    before,
+                    "{name}"
+                );
+                let close = read_exact(&mut server, 8).await;
+                assert_eq!(close[..2], [0x88, 0x82], "{name}: a masked 2-byte close");
+                let got = [close[6] ^ close[2], close[7] ^ close[3]];
+                assert_eq!(got, code_bytes, "{name}: the backend's close code");
+                let head = read_exact(&mut client, 4).await;
+                assert_eq!(
+                    head,
+                    [0x88, 0x02, code_bytes[0], code_bytes[1]],
+                    "{name}: client close"
+                );
+            }
+            Dir::FromBackend => {
+                let _ = server.write_all(&bad).await;
+                let head = read_exact(&mut client, 4).await;
+                assert_eq!(
+                    head,
+                    [0x88, 0x02, code_bytes[0], code_bytes[1]],
+                    "{name}: client close"
+                );
+                let close = read_exact(&mut server, 8).await;
+                assert_eq!(close[..2], [0x88, 0x82], "{name}: a masked 2-byte close");
+                let got = [close[6] ^ close[2], close[7] ^ close[3]];
+                assert_eq!(got, code_bytes, "{name}: the backend's close code");
+            }
+        }
         bystander
             .send(Message::text(name.to_string()))
             .await
             .expect("bystander send");
         assert_eq!(next(&mut bystander).await, Message::text(name.to_string()));
     }
+}
+
+/// With `strict_frames = false` frames pass as they come (an unmasked client
+/// frame, a reserved opcode), but a control frame over 125 bytes still never does.
+#[tokio::test]
+async fn without_strict_frames_only_oversized_control_frames_are_stopped() {
+    let mut backend = RawBackend::start("").await;
+    let proxy = Proxy::start(&format!(
+        "strict_frames = false\n{}{}",
+        route("/", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    ))
+    .await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .expect("write");
+    let (mut server, _) = backend.next().await;
+    assert!(read_head(&mut client).await.starts_with("HTTP/1.1 101"));
+    let lax = [
+        frame(0x81, b"bare", None),
+        frame(0x83, b"x", Some([1, 2, 3, 4])),
+    ]
+    .concat();
+    client.write_all(&lax).await.expect("write");
+    assert_eq!(read_exact(&mut server, lax.len()).await, lax);
+    let _ = client
+        .write_all(&frame(0x89, &[0u8; 126], Some([1, 2, 3, 4])))
+        .await;
+    let close = read_exact(&mut server, 8).await;
+    assert_eq!(close[..2], [0x88, 0x82]);
+    assert_eq!([close[6] ^ close[2], close[7] ^ close[3]], [0x03, 0xea]);
 }
 
 /// The accept queue a listener was given, as the kernel reports it (`ss`: a
@@ -594,9 +895,16 @@ async fn proxied_http_sees_the_same_normal_path() {
             head.lines().next().unwrap_or_default().contains(status),
             "{target}: expected {status}, got {head}"
         );
-        assert_eq!(backend.requests.load(Ordering::SeqCst) > before, path.is_some(), "{target}");
+        assert_eq!(
+            backend.requests.load(Ordering::SeqCst) > before,
+            path.is_some(),
+            "{target}"
+        );
         if let Some(path) = path {
-            assert!(head.contains(&format!("x-path: {path}\r\n")), "{target}: {head}");
+            assert!(
+                head.contains(&format!("x-path: {path}\r\n")),
+                "{target}: {head}"
+            );
         }
     }
 }
