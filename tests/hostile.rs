@@ -401,11 +401,13 @@ fn close_body(code: u16, reason: &[u8]) -> Vec<u8> {
     body
 }
 
+type FrameCase = (&'static str, Dir, Vec<u8>, Vec<u8>, u16, &'static str);
+
 /// Frame sequences that break RFC 6455 or the pool's size limit, either way:
 /// (name, direction, the valid frames before it, the bad frame, the close code
 /// both ends get, the pool). What comes before is forwarded; nothing of the bad
 /// frame is.
-fn frame_cases() -> Vec<(&'static str, Dir, Vec<u8>, Vec<u8>, u16, &'static str)> {
+fn frame_cases() -> Vec<FrameCase> {
     use Dir::*;
     let key = Some([9, 8, 7, 6]);
     let c = |first: u8, payload: &[u8]| frame(first, payload, key);
