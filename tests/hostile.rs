@@ -910,3 +910,104 @@ async fn proxied_http_sees_the_same_normal_path() {
         }
     }
 }
+
+/// Slowloris: 500 connections trickling a request head a byte at a time do not
+/// slow a normal upgrade down, and each is closed at the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_delay_nobody_and_are_closed_at_the_handshake_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+    const SLOW: usize = 500;
+    let backend = EchoBackend::start().await;
+    let proxy = Proxy::start(&format!(
+        "handshake_timeout = \"2s\"\n{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    ))
+    .await;
+    let url = proxy.url("/ws");
+    let upgrade_time = || async {
+        let started = Instant::now();
+        let mut ws = connect(&url).await;
+        let took = started.elapsed();
+        ws.close(None).await.expect("close");
+        took
+    };
+    let mut baseline = Vec::new();
+    for _ in 0..10 {
+        baseline.push(upgrade_time().await);
+    }
+
+    // Each slow client: a request line, then a header a byte every 100 ms; it
+    // reports how long after opening wsgate closed it.
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..SLOW {
+        let addr = proxy.addr;
+        slow.spawn(async move {
+            let opened = Instant::now();
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: test\r\nX-Slow: ")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 512];
+            let deadline = opened + Duration::from_secs(10);
+            loop {
+                tokio::select! {
+                    read = tcp.read(&mut buf) => match read {
+                        Ok(n) if n > 0 => continue,
+                        _ => return Some(opened.elapsed()),
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if Instant::now() > deadline {
+                            return None;
+                        }
+                        if tcp.write_all(b"a").await.is_err() {
+                            return Some(opened.elapsed());
+                        }
+                    }
+                }
+            }
+        });
+    }
+    // While they trickle, normal clients upgrade as fast as before.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut during = Vec::new();
+    for _ in 0..10 {
+        during.push(upgrade_time().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (base, busy) = (median(&mut baseline), median(&mut during));
+    eprintln!(
+        "upgrade median: {base:?} alone, {busy:?} with {SLOW} slow clients (slowest {:?})",
+        during.last()
+    );
+    assert!(
+        busy <= base + Duration::from_millis(100),
+        "slow clients delayed upgrades: {base:?} -> {busy:?}"
+    );
+    assert!(
+        during.iter().all(|d| *d < Duration::from_secs(1)),
+        "{during:?}"
+    );
+
+    let mut closed = Vec::new();
+    while let Some(result) = slow.join_next().await {
+        closed.push(result.expect("slow client task"));
+    }
+    let open: Vec<_> = closed.iter().filter(|c| c.is_none()).collect();
+    assert!(
+        open.is_empty(),
+        "{} slow clients still open after 10 s",
+        open.len()
+    );
+    for took in closed.into_iter().flatten() {
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+            "a slow client closed after {took:?}, handshake_timeout is 2 s"
+        );
+    }
+}
