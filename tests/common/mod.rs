@@ -169,6 +169,9 @@ pub struct EchoBackend {
     stop: CancellationToken,
 }
 
+/// Sent to an [`EchoBackend`], it closes the connection itself (code 1000).
+pub const CLOSE_PLEASE: &str = "close, please";
+
 impl EchoBackend {
     pub async fn start() -> EchoBackend {
         EchoBackend::start_at("127.0.0.1:0".parse().expect("addr")).await
@@ -243,6 +246,10 @@ impl EchoBackend {
                                 break;
                             }
                             msg = ws.next() => match msg {
+                                // The backend's own clean close, on request.
+                                Some(Ok(Message::Text(t))) if t.as_str() == CLOSE_PLEASE => {
+                                    let _ = ws.close(None).await;
+                                }
                                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                                     if ws.send(m).await.is_err() { break; }
                                 }
