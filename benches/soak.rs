@@ -70,7 +70,11 @@ async fn active(admin: std::net::SocketAddr) -> Option<u64> {
 /// Opens one client, exchanges `messages` echoes; `None` if the upgrade failed.
 async fn open_one(url: String, messages: usize) -> Option<(Ws, usize)> {
     let attempt = tokio::time::timeout(Duration::from_secs(10), async {
-        let addr = url.trim_start_matches("ws://").split('/').next()?.to_string();
+        let addr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()?
+            .to_string();
         let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
         let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.ok()?;
         for i in 0..messages {
