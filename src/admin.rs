@@ -72,8 +72,19 @@ impl Admin {
                 .headers()
                 .get(header::AUTHORIZATION)
                 .map(|v| v.as_bytes());
+            // A browser opening the stats page cannot set a header: `?token=` on a
+            // GET counts as the bearer token (the page passes it on as one).
+            let in_query = (req.method() == Method::GET)
+                .then(|| req.uri().query())
+                .flatten()
+                .and_then(|q| {
+                    form_urlencoded::parse(q.as_bytes())
+                        .find(|(k, _)| k == "token")
+                        .map(|(_, v)| format!("Bearer {v}"))
+                });
             // Constant time: how much of a guess matched must not show in the timing.
-            let matches = given.is_some_and(|g| bool::from(g.ct_eq(expected.as_bytes())));
+            let matches = given.is_some_and(|g| bool::from(g.ct_eq(expected.as_bytes())))
+                || in_query.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.as_bytes())));
             if !matches {
                 let mut response = plain(StatusCode::UNAUTHORIZED, "a bearer token is required");
                 response.headers_mut().insert(
@@ -94,6 +105,8 @@ impl Admin {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET");
         }
         match path {
+            "/" => stats_page(),
+            "/stats" => self.stats(),
             "/metrics" => self.metrics(),
             "/healthz" => plain(StatusCode::OK, "ok"),
             "/readyz" => self.readyz(),
@@ -103,7 +116,7 @@ impl Admin {
                 Some(user) if !user.is_empty() => self.presence(user).await,
                 _ => plain(
                     StatusCode::NOT_FOUND,
-                    "admin endpoints: GET /metrics /healthz /readyz /backends /presence /presence/USER, POST /pools/POOL/backends/ADDR/drain|ready",
+                    "admin endpoints: GET / (stats page) /stats /metrics /healthz /readyz /backends /presence /presence/USER, POST /pools/POOL/backends/ADDR/drain|ready",
                 ),
             },
         }
@@ -206,6 +219,83 @@ impl Admin {
         }
     }
 
+    /// `GET /stats`: what the stats page shows, as JSON: `/backends`, the
+    /// cluster's instances with their heartbeat age, Redis, and per pool the
+    /// counters the page turns into rates (upgrades per backend, results, messages).
+    fn stats(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.state.load();
+        let text = m::handle().render();
+        let mut counters: serde_json::Map<String, serde_json::Value> = snapshot
+            .pools
+            .keys()
+            .map(|name| {
+                (
+                    name.clone(),
+                    json!({"upgrades": {}, "results": {}, "messages": {}}),
+                )
+            })
+            .collect();
+        let label = |labels: &[(String, String)], key: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let mut add = |pool: &str, group: &str, key: String, value: f64| {
+            if let Some(map) = counters
+                .get_mut(pool)
+                .and_then(|c| c.get_mut(group))
+                .and_then(|g| g.as_object_mut())
+            {
+                let sum = map.get(&key).and_then(|v| v.as_f64()).unwrap_or(0.0) + value;
+                map.insert(key, json!(sum));
+            }
+        };
+        for (labels, value) in m::samples(&text, m::UPGRADES) {
+            let (pool, result) = (label(&labels, "pool"), label(&labels, "result"));
+            if result == "ok" {
+                add(&pool, "upgrades", label(&labels, "backend"), value);
+            }
+            add(&pool, "results", result, value);
+        }
+        for (labels, value) in m::samples(&text, m::MESSAGES) {
+            add(
+                &label(&labels, "pool"),
+                "messages",
+                label(&labels, "direction"),
+                value,
+            );
+        }
+        let now = crate::presence::now_ms();
+        let instances: Vec<serde_json::Value> = self
+            .cluster
+            .members()
+            .into_iter()
+            .map(|(id, at)| json!({"id": id, "heartbeat_age_ms": now.saturating_sub(at)}))
+            .collect();
+        let pools: Vec<serde_json::Value> = snapshot
+            .pools
+            .values()
+            .map(|pool| {
+                let backends: Vec<serde_json::Value> =
+                    pool.backends.iter().map(|b| backend_json(b)).collect();
+                json!({"name": pool.name, "backends": backends})
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            json!({
+                "instance": self.cluster.instance_id(),
+                "time_ms": now,
+                "redis": {"configured": self.redis, "up": self.cluster.is_up()},
+                "instances": instances,
+                "pools": pools,
+                "counters": counters,
+            }),
+        )
+    }
+
     fn backends(&self) -> Response<Full<Bytes>> {
         let snapshot = self.state.load();
         let pools: Vec<serde_json::Value> = snapshot
@@ -262,4 +352,21 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The stats page: static HTML, CSS and JS, no build step; it polls `/stats`.
+const STATS_PAGE: &str = include_str!("stats.html");
+
+fn stats_page() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(STATS_PAGE.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
 }

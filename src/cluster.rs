@@ -79,6 +79,9 @@ pub struct Remote {
     pub instances: usize,
     /// The other live instances' ids.
     pub others: Vec<String>,
+    /// Every live instance (this one included) and its last heartbeat, in ms
+    /// since the Unix epoch.
+    pub members: Vec<(String, u64)>,
 }
 
 /// Instance → `POOL/BACKEND` → connections, for the other instances.
@@ -146,6 +149,7 @@ impl Store for MemoryStore {
                 counts: Others::new(),
                 instances: 1,
                 others: Vec::new(),
+                members: vec![(self.instance.clone(), now_ms())],
             })
         })
     }
@@ -257,10 +261,20 @@ impl RedisStore {
     }
 
     async fn live_instances(&self) -> Result<Vec<String>, ClusterError> {
+        Ok(self
+            .instances_seen()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Instance ids with their last heartbeat (ms since the epoch).
+    async fn instances_seen(&self) -> Result<Vec<(String, u64)>, ClusterError> {
         let mut pipe = redis::pipe();
-        pipe.zrange(&self.keys.instances, 0, -1);
-        let (ids,): (Vec<String>,) = self.query(&pipe).await?;
-        Ok(ids)
+        pipe.zrange_withscores(&self.keys.instances, 0, -1);
+        let (seen,): (Vec<(String, f64)>,) = self.query(&pipe).await?;
+        Ok(seen.into_iter().map(|(id, at)| (id, at as u64)).collect())
     }
 }
 
@@ -313,7 +327,8 @@ impl Store for RedisStore {
 
     fn remote(&self) -> StoreFuture<'_, Remote> {
         Box::pin(async move {
-            let ids = self.live_instances().await?;
+            let seen = self.instances_seen().await?;
+            let ids: Vec<&String> = seen.iter().map(|(id, _)| id).collect();
             let mut pipe = redis::pipe();
             for id in &ids {
                 pipe.exists(self.keys.alive(id));
@@ -322,7 +337,7 @@ impl Store for RedisStore {
             let replies: Vec<redis::Value> = self.query(&pipe).await?;
             let mut remote = Remote::default();
             let mut dead = Vec::new();
-            for (id, pair) in ids.iter().zip(replies.chunks(2)) {
+            for ((id, at), pair) in seen.iter().zip(replies.chunks(2)) {
                 let [alive, counts] = pair else { continue };
                 let alive: bool = redis::from_redis_value_ref(alive).unwrap_or(false);
                 if !alive {
@@ -330,6 +345,7 @@ impl Store for RedisStore {
                     continue;
                 }
                 remote.instances += 1;
+                remote.members.push((id.clone(), *at));
                 if *id == self.instance {
                     continue;
                 }
@@ -475,6 +491,8 @@ pub struct Cluster {
     /// Another instance announced a change: tell the others that nothing changed
     /// here (an empty announcement), so they stop assuming this one mirrored it.
     ack_due: AtomicBool,
+    /// Live instances and their last heartbeats, as read at the last heartbeat.
+    members: std::sync::Mutex<Vec<(String, u64)>>,
 }
 
 /// Acknowledgements (empty announcements) go out at most this often.
@@ -487,6 +505,7 @@ impl Cluster {
             .clone()
             .unwrap_or_else(ClusterConfig::generated_instance_id);
         let presence = Arc::new(Presence::default());
+        let instance_for_members = instance.clone();
         let (events, _) = broadcast::channel(1024);
         let store: Box<dyn Store> = match &config.redis {
             Some(url) => {
@@ -511,6 +530,7 @@ impl Cluster {
             others: std::sync::Mutex::default(),
             ack_due: AtomicBool::new(false),
             instances: AtomicUsize::new(1),
+            members: std::sync::Mutex::new(vec![(instance_for_members, now_ms())]),
         }))
     }
 
@@ -553,6 +573,19 @@ impl Cluster {
 
     pub fn instances(&self) -> usize {
         self.instances.load(Ordering::Relaxed)
+    }
+
+    /// Live instances (this one included) with their last heartbeat, in ms since
+    /// the Unix epoch, as of the last heartbeat; only this one while the store is
+    /// unreachable.
+    pub fn members(&self) -> Vec<(String, u64)> {
+        if !self.is_up() {
+            return vec![(self.instance.clone(), now_ms())];
+        }
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Join/leave events of this instance, for in-process listeners, as they are
@@ -759,6 +792,7 @@ impl Cluster {
                     self.instances
                         .store(remote.instances.max(1), Ordering::Relaxed);
                     state.peers().set_live(&remote.others);
+                    *self.members.lock().unwrap_or_else(|e| e.into_inner()) = remote.members;
                 }
                 Err(e) => self.failed(state, sync, e),
             }

@@ -171,6 +171,39 @@ impl PoolMetrics {
 }
 
 /// `wsgate_upgrades_total` for one outcome.
+/// The samples of metric `name` in a Prometheus text rendering: each series'
+/// labels and value. (For wsgate's own rendering: label values have no quotes.)
+pub fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.split_once("} ") {
+                Some((labels, value)) => (labels, value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => ("", value),
+                None => continue,
+            },
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let labels = labels
+            .split("\",")
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once("=\"")?;
+                Some((k.to_string(), v.trim_end_matches('"').to_string()))
+            })
+            .collect();
+        out.push((labels, value));
+    }
+    out
+}
+
 pub fn upgrade_counter(pool: &str, backend: &str, result: &'static str) -> metrics::Counter {
     metrics::counter!(
         UPGRADES,
@@ -207,5 +240,28 @@ mod tests {
         assert_eq!(close_code_label(Some(4321)), "4000-4999");
         assert_eq!(close_code_label(Some(65535)), "invalid");
         assert_eq!(close_code_label(None), "none");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_read_back() {
+        let text = "# TYPE wsgate_upgrades_total counter\nwsgate_upgrades_total{pool=\"p\",backend=\"127.0.0.1:1\",result=\"ok\"} 3\nwsgate_upgrades_total_other 1\nwsgate_instances 2\n";
+        let got = samples(text, UPGRADES);
+        assert_eq!(
+            got,
+            vec![(
+                vec![
+                    ("pool".to_string(), "p".to_string()),
+                    ("backend".to_string(), "127.0.0.1:1".to_string()),
+                    ("result".to_string(), "ok".to_string()),
+                ],
+                3.0
+            )]
+        );
+        assert_eq!(samples(text, INSTANCES), vec![(vec![], 2.0)]);
     }
 }
