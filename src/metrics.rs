@@ -241,11 +241,6 @@ mod tests {
         assert_eq!(close_code_label(Some(65535)), "invalid");
         assert_eq!(close_code_label(None), "none");
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn samples_are_read_back() {
