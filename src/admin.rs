@@ -185,6 +185,7 @@ impl Admin {
             metrics::gauge!(m::REDIS_UP).set(if self.cluster.is_up() { 1.0 } else { 0.0 });
         }
         metrics::gauge!(m::INSTANCES).set(self.cluster.instances() as f64);
+        metrics::counter!(m::ACCESS_LOG_DROPPED).absolute(crate::access::dropped());
         for (name, left) in self.certificates.iter().flat_map(|c| c.expiries()) {
             metrics::gauge!(m::TLS_EXPIRY, "name" => name).set(left);
         }

@@ -109,16 +109,37 @@ struct Accepted {
     cookie: Option<http::HeaderValue>,
     /// An HTTP/2 WebSocket (RFC 8441): answered 200, not 101.
     h2: bool,
+    /// The route's path, for the access log.
+    route_path: String,
+}
+
+/// What the access log says of a tunnel when it ends; made only while the access
+/// log is on, and boxed: the tunnel's task holds it for the tunnel's life.
+struct AccessEntry {
+    conn: u64,
+    client: SocketAddr,
+    route: String,
+    backend: String,
+    user: Option<String>,
+    /// `h1` or `h2`.
+    protocol: &'static str,
+    /// `ws` or `wss`.
+    scheme: &'static str,
 }
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
 /// 101 with the tunnel started behind it.
 pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> Response<ProxyBody> {
     if conn.over_ip_limit {
+        let refusal = Refusal::new("", "ip_limited", too_many(OverLimit::Connections));
         if handshake::is_upgrade(&req) {
-            m::upgrade_counter("", "", "ip_limited").increment(1);
+            m::upgrade_counter("", "", refusal.result).increment(1);
+            if crate::access::enabled() {
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                log_refusal(id, &conn, "", &refusal, Instant::now());
+            }
         }
-        return full(too_many(OverLimit::Connections));
+        return full(*refusal.response);
     }
     if let Some(page) = page(&shared, &req) {
         return full(page);
@@ -141,6 +162,49 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
         }
     }
     full(upgrade_request(req, conn, shared).await)
+}
+
+/// One access-log line for a refused upgrade.
+fn log_refusal(id: u64, conn: &Conn, route: &str, refusal: &Refusal, started: Instant) {
+    tracing::info!(
+        target: crate::access::TARGET,
+        event = "refused",
+        conn = id,
+        client = %conn.peer.client,
+        route,
+        pool = refusal.pool.as_str(),
+        backend = refusal.backend.as_str(),
+        status = refusal.response.status().as_u16(),
+        reason = refusal.result,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "refused"
+    );
+}
+
+/// One access-log line for a tunnel that ended.
+fn log_tunnel(entry: &AccessEntry, pool: &str, outcome: &Outcome, duration: std::time::Duration) {
+    let (closed_by, code, reason) = close_summary(outcome);
+    tracing::info!(
+        target: crate::access::TARGET,
+        event = "tunnel",
+        conn = entry.conn,
+        client = %entry.client,
+        route = entry.route.as_str(),
+        pool,
+        backend = entry.backend.as_str(),
+        user = entry.user.as_deref(),
+        protocol = entry.protocol,
+        scheme = entry.scheme,
+        duration_ms = duration.as_secs_f64() * 1000.0,
+        messages_in = outcome.client_to_backend.messages,
+        bytes_in = outcome.client_to_backend.bytes,
+        messages_out = outcome.backend_to_client.messages,
+        bytes_out = outcome.backend_to_client.bytes,
+        close_code = code,
+        closed_by,
+        reason,
+        "tunnel"
+    );
 }
 
 /// 429 for a client address over one of its limits.
@@ -185,6 +249,13 @@ async fn upgrade_request(
         backend = tracing::field::Empty,
     );
     let instances = shared.cluster.instances();
+    // The route as matched before the request's headers move to the backend.
+    let route_for_log = crate::access::enabled().then(|| {
+        snapshot
+            .route(handshake::request_host(&req), req.uri().path())
+            .map(|r| r.path.clone())
+    });
+    let route_for_log = route_for_log.as_ref().map(|r| r.as_deref());
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
     let accepted = upgrade(&mut req, &conn, &snapshot, &shared.per_ip, &span, instances)
         .instrument(span.clone())
@@ -209,10 +280,13 @@ async fn upgrade_request(
             let protocol = if accepted.h2 { "h2" } else { "h1" };
             ::metrics::counter!(m::WEBSOCKETS, "pool" => accepted.route_pool.name.clone(), "protocol" => protocol)
                 .increment(1);
-            start_tunnel(accepted, id, &shared, conn.hold, span)
+            start_tunnel(accepted, id, &shared, &conn, span)
         }
         Err(refusal) => {
             m::upgrade_counter(&refusal.pool, &refusal.backend, refusal.result).increment(1);
+            if let Some(route) = route_for_log {
+                log_refusal(id, &conn, route.unwrap_or(""), &refusal, started);
+            }
             *refusal.response
         }
     }
@@ -291,6 +365,7 @@ async fn upgrade(
         client,
         cookie,
         h2,
+        route_path: route.path.clone(),
     })
 }
 
@@ -423,7 +498,7 @@ fn start_tunnel(
     accepted: Accepted,
     id: u64,
     shared: &Shared,
-    permit: Arc<ConnHold>,
+    conn: &Conn,
     span: tracing::Span,
 ) -> Response<Full<Bytes>> {
     let Accepted {
@@ -434,7 +509,20 @@ fn start_tunnel(
         client,
         cookie,
         h2,
+        route_path,
     } = accepted;
+    let permit = conn.hold.clone();
+    let access = crate::access::enabled().then(|| {
+        Box::new(AccessEntry {
+            conn: id,
+            client: conn.peer.client,
+            route: route_path,
+            backend: upgraded.guard.backend().addr.to_string(),
+            user: user.clone(),
+            protocol: if h2 { "h2" } else { "h1" },
+            scheme: if conn.proto == "https" { "wss" } else { "ws" },
+        })
+    });
     let Upgraded {
         stream,
         early,
@@ -487,6 +575,9 @@ fn start_tunnel(
         };
         count_close(&pool.name, &outcome);
         metrics.connection.record(opened.elapsed().as_secs_f64());
+        if let Some(entry) = &access {
+            log_tunnel(entry, &pool.name, &outcome, opened.elapsed());
+        }
         tracing::debug!(?outcome, "tunnel closed");
     }
     .instrument(span);
@@ -533,6 +624,20 @@ fn client_stream(upgraded: hyper::upgrade::Upgraded) -> ClientStream {
 
 /// One count per ended tunnel: who started the close and with which code.
 fn count_close(pool: &str, outcome: &Outcome) {
+    let (initiator, code, reason) = close_summary(outcome);
+    ::metrics::counter!(
+        m::CLOSES,
+        "pool" => pool.to_string(),
+        "code" => m::close_code_label(code),
+        "initiator" => initiator,
+        "reason" => reason,
+    )
+    .increment(1);
+}
+
+/// Who started a tunnel's close (`client`, `backend`, `wsgate`), its first close
+/// code, and why the tunnel ended.
+fn close_summary(outcome: &Outcome) -> (&'static str, Option<u16>, &'static str) {
     use crate::frame::close_code;
     let side = |s: Side| match s {
         Side::Client => "client",
@@ -565,12 +670,5 @@ fn count_close(pool: &str, outcome: &Outcome) {
         End::CloseTimeout => "close_timeout",
         End::Rebalance => "rebalance",
     };
-    ::metrics::counter!(
-        m::CLOSES,
-        "pool" => pool.to_string(),
-        "code" => m::close_code_label(code),
-        "initiator" => initiator,
-        "reason" => reason,
-    )
-    .increment(1);
+    (initiator, code, reason)
 }

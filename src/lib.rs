@@ -26,6 +26,7 @@
 //! | [`backend`] | the reference relay backend, its pub/sub brokers and the demo |
 //! | [`backoff`] | exponential backoff for every retry loop |
 
+pub mod access;
 pub mod admin;
 pub mod backend;
 pub mod backoff;
@@ -368,6 +369,7 @@ impl Gateway {
             );
             summary.restart("server.backlog");
         }
+        crate::access::configure(&config.log.access);
         for key in self.cluster.apply(&config.cluster) {
             tracing::warn!(key, "{key} changed: it takes effect at the next start");
             summary.restart(key);

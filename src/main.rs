@@ -76,12 +76,27 @@ fn main() -> ExitCode {
     if let Command::Check = command {
         return check(&cli.config);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    // Two layers: the log for people (RUST_LOG, default info) and the access log
+    // (JSON lines, `[log] access`), each seeing only its own events.
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info".into())
+        .add_directive(
+            format!("{}=off", wsgate::access::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let (access, _flush_access_log_at_exit) = wsgate::access::layer();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(filter),
         )
+        .with(access)
         .init();
     let result = match command {
         Command::Check => unreachable!("handled above"),
@@ -137,10 +152,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// once); SIGHUP calls `reload`, when there is one.
 async fn signals(shutdown: CancellationToken, reload: Option<Box<dyn Fn() + Send>>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) else {
         tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
         return;
@@ -154,6 +170,12 @@ async fn signals(shutdown: CancellationToken, reload: Option<Box<dyn Fn() + Send
                     Some(reload) => reload(),
                     None => tracing::info!("SIGHUP: nothing to reload"),
                 }
+                continue;
+            }
+            _ = usr1.recv() => {
+                // logrotate moved the access log: the next line opens it anew.
+                wsgate::access::reopen();
+                tracing::info!("SIGUSR1: reopening the access log");
                 continue;
             }
         }
@@ -251,6 +273,7 @@ fn raise_descriptor_limit(max_connections: usize) {
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
+    wsgate::access::configure(&config.log.access);
     runtime()?.block_on(async move {
         raise_descriptor_limit(config.server.max_connections);
         let listeners = Listeners::bind(&config).await?;

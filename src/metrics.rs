@@ -33,6 +33,7 @@ pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const INSTANCES: &str = "wsgate_instances";
 pub const DESCRIPTORS_EXHAUSTED: &str = "wsgate_descriptors_exhausted_total";
 pub const PROXY_HEADER_ERRORS: &str = "wsgate_proxy_header_errors_total";
+pub const ACCESS_LOG_DROPPED: &str = "wsgate_access_log_dropped_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -80,6 +81,10 @@ fn describe() {
         "Connections all live instances hold, as this instance last read them."
     );
     describe_counter!(UPGRADES, "Upgrade requests by outcome.");
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the writer could not keep up."
+    );
     describe_counter!(
         PROXY_HEADER_ERRORS,
         "Connections from trusted proxies closed for a missing or malformed PROXY protocol header."

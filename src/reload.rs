@@ -112,6 +112,12 @@ impl Summary {
                 parts.push(format!("server.{key} {before} -> {after}"));
             }
         }
+        if old.log != new.log {
+            parts.push(format!(
+                "log.access {:?} -> {:?}",
+                old.log.access, new.log.access
+            ));
+        }
         if old.admin.listen != new.admin.listen {
             let show =
                 |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());

@@ -44,6 +44,24 @@ pub struct Config {
     pub nameservers: Vec<SocketAddr>,
     /// `[tls]`: TLS listeners and their certificates.
     pub tls: Option<TlsConfig>,
+    /// `[log]`.
+    pub log: LogConfig,
+}
+
+/// `[log]`: where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    pub access: AccessLog,
+}
+
+/// `[log] access`: one JSON line per tunnel and per refused upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    #[default]
+    Stderr,
+    Off,
+    /// Appended to; reopened on SIGUSR1.
+    File(std::path::PathBuf),
 }
 
 /// `[tls]`: listeners that speak TLS (and HTTP/2 by ALPN).

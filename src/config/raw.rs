@@ -17,6 +17,12 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<RawAdmin>,
     pub(super) resolver: Option<RawResolver>,
     pub(super) tls: Option<RawTls>,
+    pub(super) log: Option<RawLog>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawLog {
+    pub(super) access: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

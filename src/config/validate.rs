@@ -59,6 +59,25 @@ impl Report<'_> {
                 ),
             }
         }
+        let log = LogConfig {
+            access: match raw.log.and_then(|l| l.access) {
+                None => AccessLog::Stderr,
+                Some(a) => match a.get_ref().trim() {
+                    "stderr" => AccessLog::Stderr,
+                    "off" => AccessLog::Off,
+                    "" => {
+                        self.push(
+                            a.span(),
+                            "log.access",
+                            "an empty access log path".into(),
+                            "write \"stderr\", \"off\" or a file path like \"/var/log/wsgate/access.log\"",
+                        );
+                        AccessLog::Stderr
+                    }
+                    path => AccessLog::File(path.into()),
+                },
+            },
+        };
         Config {
             server,
             routes,
@@ -67,6 +86,7 @@ impl Report<'_> {
             admin,
             nameservers,
             tls,
+            log,
         }
     }
 
