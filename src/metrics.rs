@@ -67,8 +67,22 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("another metrics recorder is installed: /metrics will be empty");
         }
         describe();
+        zero();
         handle
     })
+}
+
+/// Counters of rare conditions exist from the start at 0, so that dashboards and
+/// alerts see a series (and `rate` works) before the first occurrence.
+fn zero() {
+    for at in ["accept", "connect", "check"] {
+        metrics::counter!(DESCRIPTORS_EXHAUSTED, "at" => at).increment(0);
+    }
+    metrics::counter!(PROXY_HEADER_ERRORS).increment(0);
+    metrics::counter!(ACCESS_LOG_DROPPED).increment(0);
+    for result in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
 }
 
 fn describe() {
