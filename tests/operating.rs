@@ -285,7 +285,7 @@ fn the_dockerfile_is_multi_stage_and_runs_as_non_root() {
     let user = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .next_back()
         .expect("a USER");
     assert!(
         !user.starts_with("root") && !user.starts_with('0'),
