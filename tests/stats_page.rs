@@ -79,20 +79,13 @@ async fn the_stats_page_shows_live_counts_per_backend() {
         .map(|v| v[0].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(total, 8);
-    let shown = browser
-        .wait(
-            &page,
-            &format!(
-                "(() => {{ const c = {DOM_COUNTS}; return c === '{}' ? c : ''; }})()",
-                want
-            ),
-            "the page to show /backends' counts",
-        )
-        .await;
-    assert_eq!(
-        serde_json::from_str::<Value>(shown.as_str().unwrap_or("")).ok(),
-        Some(want)
-    );
+    page_shows(
+        &mut browser,
+        &page,
+        &want,
+        "the page to show /backends' counts",
+    )
+    .await;
     // Health, weight, the cluster and Redis are on the page too.
     let text = browser.eval(&page, "document.body.innerText").await;
     let text = text.as_str().unwrap_or_default();
@@ -141,14 +134,22 @@ async fn the_stats_page_shows_live_counts_per_backend() {
     )
     .await;
     let want = api_counts(admin, token).await;
-    browser
-        .wait(
-            &page,
-            &format!(
-                "(() => {{ const c = {DOM_COUNTS}; return c === '{}' ? c : ''; }})()",
-                want
-            ),
-            "the page to follow the close",
-        )
-        .await;
+    page_shows(&mut browser, &page, &want, "the page to follow the close").await;
+}
+
+/// Polls the page until its counts are `want` (15 s at most).
+async fn page_shows(browser: &mut Browser, page: &str, want: &Value, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let shown = browser.eval(page, DOM_COUNTS).await;
+        let shown = serde_json::from_str::<Value>(shown.as_str().unwrap_or("")).ok();
+        if shown.as_ref() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: the page shows {shown:?}, /backends says {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
