@@ -1,4 +1,5 @@
 //! Headless Chromium driven over the DevTools protocol, for page tests.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
