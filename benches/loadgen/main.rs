@@ -26,6 +26,10 @@ struct Sizes {
     window: Duration,
     idle: [usize; 3],
     throughput_conns: usize,
+    /// Waves of connections opened and closed before "RSS after load", and how
+    /// long after the last close the RSS is read.
+    waves: (usize, usize),
+    settle: Duration,
 }
 
 const FULL: Sizes = Sizes {
@@ -34,6 +38,8 @@ const FULL: Sizes = Sizes {
     // The last: as many as a proxy's 20,000 open files allow at two per connection.
     idle: [1_000, 5_000, 9_900],
     throughput_conns: 200,
+    waves: (8, 5_000),
+    settle: Duration::from_secs(10),
 };
 
 const SMOKE: Sizes = Sizes {
@@ -41,6 +47,8 @@ const SMOKE: Sizes = Sizes {
     window: Duration::from_millis(300),
     idle: [20, 40, 60],
     throughput_conns: 20,
+    waves: (2, 20),
+    settle: Duration::from_millis(300),
 };
 
 /// What one target measured.
@@ -52,6 +60,8 @@ struct Figures {
     p999: f64,
     small_rate: f64,
     small_cpu_us: Option<f64>,
+    /// CPU per 64 B message with one message in flight per connection.
+    single_cpu_us: Option<f64>,
     big_mb_s: f64,
     big_cpu_us: Option<f64>,
     upgrades_rate: f64,
@@ -60,6 +70,13 @@ struct Figures {
     idle: Vec<(usize, u64)>,
     /// Bytes per idle connection, from the slope between the first and last level.
     rss_per_conn: Option<f64>,
+    /// RSS right after the process started, before any scenario.
+    fresh_rss: Option<u64>,
+    /// Bytes per idle connection: (RSS at the last level − fresh RSS) ÷ connections.
+    rss_per_conn_fresh: Option<f64>,
+    /// After `waves` of connections opened and closed: the peak RSS while they
+    /// were open, and the RSS 10 s after the last one closed.
+    after_load: Option<(u64, u64)>,
 }
 
 /// Rounds of each scenario: targets take turns within a round, so slow phases of a
@@ -110,6 +127,9 @@ async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
         })
         .collect();
     let window = sizes.window;
+    for (f, target) in all.iter_mut().zip(targets) {
+        f.fresh_rss = target.pid().map(rss_bytes);
+    }
 
     eprintln!("latency ...");
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
@@ -139,6 +159,15 @@ async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
     for (f, (counts, cpu)) in all.iter_mut().zip(small) {
         f.small_cpu_us = per_unit_us(cpu, &counts);
         f.small_rate = median(counts) / window.as_secs_f64();
+    }
+
+    eprintln!("64 B throughput, one in flight ...");
+    let single = rounds(targets, |a| async move {
+        scenarios::throughput(&a, conns, 1, 64, window).await
+    })
+    .await;
+    for (f, (counts, cpu)) in all.iter_mut().zip(single) {
+        f.single_cpu_us = per_unit_us(cpu, &counts);
     }
 
     eprintln!("16 KiB throughput ...");
@@ -189,6 +218,27 @@ async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
         {
             f.rss_per_conn = Some((last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64);
         }
+        if let (Some(fresh), Some(last)) = (f.fresh_rss, f.idle.last())
+            && last.0 > 0
+        {
+            f.rss_per_conn_fresh = Some((last.1 as f64 - fresh as f64) / last.0 as f64);
+        }
+    }
+
+    // Memory after load: waves of connections opened and closed; what is held
+    // 10 s after the last one closed.
+    let (waves, per_wave) = sizes.waves;
+    for (f, target) in all.iter_mut().zip(targets) {
+        let Some(pid) = target.pid() else { continue };
+        eprintln!("{waves} waves of {per_wave} through {} ...", target.name);
+        let mut peak = 0;
+        for _ in 0..waves {
+            let held = scenarios::open_many(&target.addrs, per_wave).await;
+            peak = peak.max(rss_bytes(pid));
+            drop(held);
+        }
+        tokio::time::sleep(sizes.settle).await;
+        f.after_load = Some((peak, rss_bytes(pid)));
     }
     all
 }
@@ -218,6 +268,10 @@ fn table(all: &[Figures]) -> String {
         (
             "CPU µs per 64 B msg".into(),
             all.iter().map(|f| opt(f.small_cpu_us, 2)).collect(),
+        ),
+        (
+            "CPU µs per 64 B msg, 1 in flight".into(),
+            all.iter().map(|f| opt(f.single_cpu_us, 2)).collect(),
         ),
         (
             "16 KiB MB/s (50 × 2)".into(),
@@ -251,9 +305,30 @@ fn table(all: &[Figures]) -> String {
                 .collect(),
         ));
     }
+    let mib = |b: u64| format!("{:.1}", b as f64 / 1048576.0);
     rows.push((
-        "RSS bytes per idle conn".into(),
+        "RSS MiB, fresh process".into(),
+        all.iter()
+            .map(|f| f.fresh_rss.map_or("-".into(), mib))
+            .collect(),
+    ));
+    rows.push((
+        "RSS bytes per idle conn (slope)".into(),
         all.iter().map(|f| opt(f.rss_per_conn, 0)).collect(),
+    ));
+    rows.push((
+        "RSS bytes per idle conn (from fresh)".into(),
+        all.iter().map(|f| opt(f.rss_per_conn_fresh, 0)).collect(),
+    ));
+    rows.push((
+        "RSS MiB after load: peak → 10 s after".into(),
+        all.iter()
+            .map(|f| {
+                f.after_load.map_or("-".into(), |(peak, after)| {
+                    format!("{} → {}", mib(peak), mib(after))
+                })
+            })
+            .collect(),
     ));
     rows.push((
         "projected RSS at 1M conns (GiB)".into(),
@@ -303,20 +378,32 @@ fn verdicts(all: &[Figures]) -> String {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     if let Some(h) = get("haproxy") {
         line(
-            "CPU per 64 B msg, wsgate / haproxy".into(),
+            "CPU per 64 B msg, 8 in flight, wsgate / haproxy".into(),
             ratio(w.small_cpu_us, h.small_cpu_us),
-            1.0,
+            0.9,
+            true,
+        );
+        line(
+            "CPU per 64 B msg, 1 in flight, wsgate / haproxy".into(),
+            ratio(w.single_cpu_us, h.single_cpu_us),
+            0.9,
             true,
         );
         line(
             "CPU per 16 KiB msg, wsgate / haproxy".into(),
             ratio(w.big_cpu_us, h.big_cpu_us),
-            0.75,
+            0.65,
             true,
         );
         line(
-            "RSS per idle conn, wsgate / haproxy".into(),
+            "RSS per idle conn (slope), wsgate / haproxy".into(),
             ratio(w.rss_per_conn, h.rss_per_conn),
+            0.5,
+            true,
+        );
+        line(
+            "RSS per idle conn (from fresh), wsgate / haproxy".into(),
+            ratio(w.rss_per_conn_fresh, h.rss_per_conn_fresh),
             0.5,
             true,
         );
@@ -341,6 +428,18 @@ fn verdicts(all: &[Figures]) -> String {
             ),
             Some(added(w) / added(h).max(1.0)),
             1.0,
+            true,
+        );
+    }
+    if let (Some(fresh), Some((_, after))) = (w.fresh_rss, w.after_load) {
+        let limit = 2.0 * fresh as f64 + 10.0 * 1048576.0;
+        line(
+            format!(
+                "wsgate RSS 10 s after load, MiB (target 2 × fresh {:.1} + 10)",
+                fresh as f64 / 1048576.0
+            ),
+            Some(after as f64 / 1048576.0),
+            limit / 1048576.0,
             true,
         );
     }
@@ -544,7 +643,10 @@ fn main() {
                 .filter(|w| w[0] == "--only")
                 .map(|w| w[1].replace('-', " "))
                 .collect();
-            let all = compare(FULL, env!("CARGO_BIN_EXE_wsgate"), true, &only);
+            // WSGATE_BINARY: measure another build (an allocator, a baseline).
+            let binary = std::env::var("WSGATE_BINARY")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
+            let all = compare(FULL, &binary, true, &only);
             println!("{}", table(&all));
             println!("{}", verdicts(&all));
         }
@@ -559,6 +661,11 @@ fn main() {
                     f.name
                 );
                 if f.name != "direct" {
+                    assert!(
+                        f.after_load.is_some() && f.fresh_rss.is_some(),
+                        "{}",
+                        f.name
+                    );
                     assert_eq!(
                         f.idle.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
                         SMOKE.idle.to_vec(),

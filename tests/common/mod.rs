@@ -178,8 +178,21 @@ impl EchoBackend {
     }
 
     /// Starts on a given address (to bring a stopped backend back on its port).
+    /// A backend just dropped may still hold the port for a moment: binding is
+    /// retried for up to 5 s.
     pub async fn start_at(addr: SocketAddr) -> EchoBackend {
-        let listener = TcpListener::bind(addr).await.expect("bind backend");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind backend {addr}: {e}"),
+            }
+        };
         let addr = listener.local_addr().expect("addr");
         let backend = EchoBackend {
             addr,
