@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{Empty, Full};
 use hyper::Response;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -104,14 +103,8 @@ pub enum UpstreamError {
     ConnectTimeout { addr: BackendAddr },
     #[error("backend {addr} did not answer the handshake in time")]
     HandshakeTimeout { addr: BackendAddr },
-    #[error("backend {addr} sent an unreadable answer")]
-    Unreadable {
-        addr: BackendAddr,
-        #[source]
-        source: hyper::Error,
-    },
-    #[error("backend {addr} sent 101 but its connection could not be taken over")]
-    Takeover { addr: BackendAddr },
+    #[error("backend {addr}: {why}")]
+    Unreadable { addr: BackendAddr, why: String },
     #[error("backend {addr} sent a 101 a client must refuse: {why}")]
     BadAnswer {
         addr: BackendAddr,
@@ -144,7 +137,6 @@ impl UpstreamError {
             | UpstreamError::ConnectTimeout { addr }
             | UpstreamError::HandshakeTimeout { addr }
             | UpstreamError::Unreadable { addr, .. }
-            | UpstreamError::Takeover { addr }
             | UpstreamError::BadAnswer { addr, .. }
             | UpstreamError::Tls { addr, .. } => Some(addr),
         }
@@ -155,9 +147,7 @@ impl UpstreamError {
     pub fn retryable(&self) -> bool {
         !matches!(
             self,
-            UpstreamError::NoBackend
-                | UpstreamError::OutOfDescriptors
-                | UpstreamError::Takeover { .. }
+            UpstreamError::NoBackend | UpstreamError::OutOfDescriptors
         )
     }
 
@@ -169,9 +159,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => "backend_refused",
             UpstreamError::ConnectTimeout { .. } => "backend_timeout",
             UpstreamError::HandshakeTimeout { .. } => "backend_timeout",
-            UpstreamError::Unreadable { .. }
-            | UpstreamError::Takeover { .. }
-            | UpstreamError::BadAnswer { .. } => "backend_bad_answer",
+            UpstreamError::Unreadable { .. } | UpstreamError::BadAnswer { .. } => {
+                "backend_bad_answer"
+            }
             UpstreamError::Tls { .. } => "backend_tls",
         }
     }
@@ -345,11 +335,12 @@ pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Sends the upgrade request over `stream` and reads the answer. The connection
-/// future is driven here, in the request's own task: it ends when the 101 hands
-/// the socket over, or once a declining answer has been read whole.
+/// Sends the upgrade request over `stream` and reads the answer, directly: one
+/// write of the request, the response head parsed with httparse as it arrives,
+/// and the bytes behind a 101 kept for the tunnel. A declining answer is read
+/// whole (its body bounded) and passed back.
 async fn handshake<S>(
-    stream: S,
+    mut stream: S,
     request: Request<Empty<Bytes>>,
     index: usize,
     guard: ConnGuard,
@@ -357,73 +348,236 @@ async fn handshake<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + IntoBackendStream,
 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The address is copied only when there is an error to report.
     let backend = guard.backend().clone();
     let addr = || backend.addr.clone();
-    let unreadable = |source| UpstreamError::Unreadable {
-        addr: addr(),
-        source,
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(unreadable)?;
-    let mut conn = conn.with_upgrades();
+    let unreadable = |why: String| UpstreamError::Unreadable { addr: addr(), why };
     let offer = crate::handshake::Offer::of(&request);
-    // The connection future may finish (handing the socket over after a 101) in the
-    // same poll that delivers the response, so its result is kept, not taken as an
-    // error.
-    let send = sender.send_request(request);
-    tokio::pin!(send);
-    let mut conn_ended = None;
-    let response = loop {
-        tokio::select! {
-            response = &mut send => break response.map_err(unreadable)?,
-            ended = &mut conn, if conn_ended.is_none() => conn_ended = Some(ended),
+    stream
+        .write_all(&encode_request(&request))
+        .await
+        .map_err(|e| unreadable(format!("sending the upgrade: {e}")))?;
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    let (head, len) = loop {
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| unreadable(format!("reading the answer: {e}")))?;
+        if n == 0 {
+            return Err(unreadable(
+                "the connection closed before a whole answer".into(),
+            ));
+        }
+        match parse_head(&buf) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) if buf.len() < MAX_HEAD => {}
+            Ok(None) => return Err(unreadable("an answer head over 64 KiB".into())),
+            Err(why) => return Err(unreadable(why)),
         }
     };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let rest = buf.split_off(len);
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
         // A 101 the client would have to refuse never reaches it: this backend
         // failed, and the next may be asked.
-        let (head, _) = response.into_parts();
         offer
             .check(&head)
             .map_err(|why| UpstreamError::BadAnswer { addr: addr(), why })?;
-        let mut response = Response::from_parts(head, ());
-        let on_upgrade = hyper::upgrade::on(&mut response);
-        let ended = match conn_ended {
-            Some(ended) => ended,
-            None => conn.await,
-        };
-        ended.map_err(unreadable)?;
-        let upgraded = on_upgrade.await.map_err(unreadable)?;
-        let parts = upgraded
-            .downcast::<TokioIo<S>>()
-            .map_err(|_| UpstreamError::Takeover { addr: addr() })?;
-        let (head, _) = response.into_parts();
         return Ok(Answer::Upgraded(Upgraded {
             index,
-            stream: parts.io.into_inner().into_backend(),
-            early: parts.read_buf,
+            stream: stream.into_backend(),
+            early: rest.freeze(),
             head,
             guard,
         }));
     }
-    let (head, body) = response.into_parts();
-    let collect = Limited::new(body, MAX_ERROR_BODY).collect();
-    tokio::pin!(collect);
-    let mut conn_done = conn_ended.is_some();
-    let body = loop {
-        tokio::select! {
-            body = &mut collect => break body,
-            _ = &mut conn, if !conn_done => conn_done = true,
-        }
-    };
     // A body too long or cut short still answers the client with the backend's
     // status; its text is dropped.
-    let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = read_body(&mut stream, &head, rest)
+        .await
+        .unwrap_or_default();
     drop(guard);
     Ok(Answer::Declined {
         response: handshake::passthrough(head, body),
         backend: addr(),
     })
+}
+
+/// Largest answer head read from a backend.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// The request line and headers, as one buffer.
+fn encode_request(request: &Request<Empty<Bytes>>) -> Vec<u8> {
+    let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let headers = request.headers();
+    let size = 32
+        + target.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A whole response head in `buf`: its parts and length; `None` while partial.
+fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("an unreadable answer: {e}")),
+    };
+    if parsed.version != Some(1) {
+        return Err("an answer that is not HTTP/1.1".into());
+    }
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("an answer without a valid status")?;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let map = response.headers_mut();
+    map.reserve(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("a bad header name {:?}", h.name))?;
+        let value = http::HeaderValue::from_bytes(h.value)
+            .map_err(|_| format!("a bad value for {}", h.name))?;
+        map.append(name, value);
+    }
+    Ok(Some((response.into_parts().0, len)))
+}
+
+/// A declining answer's body, at most [`MAX_ERROR_BODY`]: by Content-Length,
+/// chunked, or until the backend closes. `None` when it could not be read.
+async fn read_body<S>(
+    stream: &mut S,
+    head: &http::response::Parts,
+    mut buf: bytes::BytesMut,
+) -> Option<Bytes>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let headers = &head.headers;
+    let chunked = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("chunked"))
+        });
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
+    let no_body = head.status.is_informational()
+        || head.status == StatusCode::NO_CONTENT
+        || head.status == StatusCode::NOT_MODIFIED;
+    if no_body || (!chunked && length == Some(0)) {
+        return Some(Bytes::new());
+    }
+    if chunked {
+        let mut body = Vec::new();
+        loop {
+            // One chunk: its size line, its data, its CRLF.
+            let line_end = loop {
+                if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break at;
+                }
+                if buf.len() > 1024 || stream.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            };
+            let size_text = std::str::from_utf8(&buf[..line_end]).ok()?;
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            if size == 0 {
+                return Some(Bytes::from(body));
+            }
+            if body.len() + size > MAX_ERROR_BODY {
+                return None;
+            }
+            let need = line_end + 2 + size + 2;
+            while buf.len() < need {
+                if stream.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+            body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+            let _ = buf.split_to(need);
+        }
+    }
+    if length.is_some_and(|n| n > MAX_ERROR_BODY) {
+        return None;
+    }
+    let want = length.unwrap_or(MAX_ERROR_BODY + 1);
+    while buf.len() < want {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) if length.is_none() => break,
+            Ok(0) | Err(_) => return None,
+            Ok(_) if buf.len() > MAX_ERROR_BODY => return None,
+            Ok(_) => {}
+        }
+    }
+    buf.truncate(want);
+    Some(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_parsed_once_whole_and_its_end_found() {
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi";
+        for cut in 1..answer.len() - 4 {
+            assert!(
+                parse_head(&answer[..cut]).expect("valid so far").is_none(),
+                "complete at {cut}?"
+            );
+        }
+        let (head, len) = parse_head(answer).expect("valid").expect("complete");
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(head.headers["upgrade"], "websocket");
+        assert_eq!(&answer[len..], b"\x81\x02hi");
+        assert!(parse_head(b"HTTP/1.0 101 OK\r\n\r\n").is_err());
+        assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    async fn body_of(answer: &'static [u8]) -> Option<Bytes> {
+        let (head, len) = parse_head(answer).expect("valid").expect("complete");
+        let (mut near, far) = tokio::io::duplex(64);
+        drop(far);
+        let rest = bytes::BytesMut::from(&answer[len..]);
+        read_body(&mut near, &head, rest).await
+    }
+
+    #[tokio::test]
+    async fn declining_bodies_by_length_chunks_or_close() {
+        let sized = body_of(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnopeEXTRA").await;
+        assert_eq!(sized.as_deref(), Some(&b"nope"[..]));
+        let chunked = body_of(
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nno \r\n4;x=1\r\nway!\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(chunked.as_deref(), Some(&b"no way!"[..]));
+        let to_close = body_of(b"HTTP/1.1 500 Oops\r\n\r\nbroken").await;
+        assert_eq!(to_close.as_deref(), Some(&b"broken"[..]));
+        let cut_short = body_of(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nnope").await;
+        assert_eq!(cut_short, None);
+        let empty = body_of(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(empty.as_deref(), Some(&b""[..]));
+    }
 }
