@@ -119,12 +119,13 @@ struct AccessEntry {
     conn: u64,
     client: SocketAddr,
     route: String,
-    backend: String,
     user: Option<String>,
-    /// `h1` or `h2`.
-    protocol: &'static str,
-    /// `ws` or `wss`.
-    scheme: &'static str,
+    /// The backend's place in the pool (the pool is held by the tunnel's task).
+    backend: usize,
+    /// HTTP/2 (RFC 8441) rather than an HTTP/1.1 upgrade.
+    h2: bool,
+    /// Over TLS.
+    tls: bool,
 }
 
 /// Answers one request: the demo page, a refusal, the backend's own refusal, or a
@@ -182,19 +183,29 @@ fn log_refusal(id: u64, conn: &Conn, route: &str, refusal: &Refusal, started: In
 }
 
 /// One access-log line for a tunnel that ended.
-fn log_tunnel(entry: &AccessEntry, pool: &str, outcome: &Outcome, duration: std::time::Duration) {
+fn log_tunnel(
+    entry: &AccessEntry,
+    pool: &crate::balancer::Pool,
+    outcome: &Outcome,
+    duration: std::time::Duration,
+) {
     let (closed_by, code, reason) = close_summary(outcome);
+    let backend = pool
+        .backends
+        .get(entry.backend)
+        .map(|b| b.addr.to_string())
+        .unwrap_or_default();
     tracing::info!(
         target: crate::access::TARGET,
         event = "tunnel",
         conn = entry.conn,
         client = %entry.client,
         route = entry.route.as_str(),
-        pool,
-        backend = entry.backend.as_str(),
+        pool = pool.name.as_str(),
+        backend = backend.as_str(),
         user = entry.user.as_deref(),
-        protocol = entry.protocol,
-        scheme = entry.scheme,
+        protocol = if entry.h2 { "h2" } else { "h1" },
+        scheme = if entry.tls { "wss" } else { "ws" },
         duration_ms = duration.as_secs_f64() * 1000.0,
         messages_in = outcome.client_to_backend.messages,
         bytes_in = outcome.client_to_backend.bytes,
@@ -240,7 +251,10 @@ async fn upgrade_request(
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!(
+    // Debug level: an enabled span is kept (fields formatted, in the registry) for
+    // the tunnel's whole life, a few hundred bytes per idle connection; the access
+    // log says what happened to each connection at info level.
+    let span = tracing::debug_span!(
         "conn",
         id,
         peer = %conn.peer.client,
@@ -517,10 +531,10 @@ fn start_tunnel(
             conn: id,
             client: conn.peer.client,
             route: route_path,
-            backend: upgraded.guard.backend().addr.to_string(),
             user: user.clone(),
-            protocol: if h2 { "h2" } else { "h1" },
-            scheme: if conn.proto == "https" { "wss" } else { "ws" },
+            backend: upgraded.index,
+            h2,
+            tls: conn.proto == "https",
         })
     });
     let Upgraded {
@@ -556,7 +570,7 @@ fn start_tunnel(
         permit: Some(permit),
     };
     let message_metrics = shared.state.load().config.admin.message_metrics;
-    let meter = message_metrics.then(|| Meter::new(&pool.name));
+    let meter = message_metrics.then(|| Meter::new(metrics.traffic.clone()));
     let tunnel = Prepared::new(stream, early, limits, guards, meter);
     let task = async move {
         let client = match client.await {
@@ -576,7 +590,7 @@ fn start_tunnel(
         count_close(&pool.name, &outcome);
         metrics.connection.record(opened.elapsed().as_secs_f64());
         if let Some(entry) = &access {
-            log_tunnel(entry, &pool.name, &outcome, opened.elapsed());
+            log_tunnel(entry, &pool, &outcome, opened.elapsed());
         }
         tracing::debug!(?outcome, "tunnel closed");
     }

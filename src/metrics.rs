@@ -173,6 +173,9 @@ pub struct PoolMetrics {
     pub connection: metrics::Histogram,
     /// `wsgate_upgrades_total{result="ok"}` of each backend, in the pool's order.
     pub upgrades_ok: Vec<metrics::Counter>,
+    /// Messages client to backend, backend to client, bytes the same: shared by
+    /// the pool's tunnels.
+    pub traffic: std::sync::Arc<[metrics::Counter; 4]>,
 }
 
 impl PoolMetrics {
@@ -185,6 +188,15 @@ impl PoolMetrics {
                 .iter()
                 .map(|b| upgrade_counter(&pool.name, &b.addr.to_string(), "ok"))
                 .collect(),
+            traffic: {
+                let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "pool" => pool.name.clone(), "direction" => direction);
+                std::sync::Arc::new([
+                    counter(MESSAGES, CLIENT_TO_BACKEND),
+                    counter(MESSAGES, BACKEND_TO_CLIENT),
+                    counter(BYTES, CLIENT_TO_BACKEND),
+                    counter(BYTES, BACKEND_TO_CLIENT),
+                ])
+            },
         }
     }
 }

@@ -105,9 +105,9 @@ pub struct Outcome {
 /// added to them. Tallies are added at most once a second (on traffic) and at the
 /// end: never an atomic per frame.
 pub struct Meter {
-    /// Client to backend, backend to client.
-    messages: [metrics::Counter; 2],
-    bytes: [metrics::Counter; 2],
+    /// The pool's counters: messages up, down, bytes up, down (shared by its
+    /// tunnels, made once with the pool: [`crate::metrics::PoolMetrics::traffic`]).
+    counters: Arc<[metrics::Counter; 4]>,
     /// Messages up, down, bytes up, down, as last added.
     added: [u64; 4],
     last_added: Instant,
@@ -117,18 +117,9 @@ pub struct Meter {
 const METER_EVERY: Duration = Duration::from_secs(1);
 
 impl Meter {
-    pub fn new(pool: &str) -> Meter {
-        use crate::metrics::{BACKEND_TO_CLIENT, BYTES, CLIENT_TO_BACKEND, MESSAGES};
-        let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "pool" => pool.to_string(), "direction" => direction);
+    pub fn new(counters: Arc<[metrics::Counter; 4]>) -> Meter {
         Meter {
-            messages: [
-                counter(MESSAGES, CLIENT_TO_BACKEND),
-                counter(MESSAGES, BACKEND_TO_CLIENT),
-            ],
-            bytes: [
-                counter(BYTES, CLIENT_TO_BACKEND),
-                counter(BYTES, BACKEND_TO_CLIENT),
-            ],
+            counters,
             added: [0; 4],
             last_added: Instant::now(),
         }
@@ -144,10 +135,7 @@ impl Meter {
         for (i, n) in now_counts.iter().enumerate() {
             let delta = n - self.added[i];
             if delta > 0 {
-                match i {
-                    0 | 1 => self.messages[i].increment(delta),
-                    _ => self.bytes[i - 2].increment(delta),
-                }
+                self.counters[i].increment(delta);
             }
         }
         self.added = now_counts;
@@ -538,16 +526,22 @@ impl<B: RelayIo> Prepared<B> {
 
     /// Relays between `client` (with the bytes it sent behind its upgrade request)
     /// and the backend until the connection ends, then closes both streams.
-    pub async fn run<C: RelayIo>(
+    ///
+    /// The tunnel is built and the early bytes are relayed here, synchronously:
+    /// the returned future, which lives as long as the tunnel (an idle one pays for
+    /// every byte of it), holds only the box, the wave and the relay loop's state.
+    // Boxed by `new` so that the task holding it until the client's upgrade
+    // completes carries 8 bytes, not the whole backend half.
+    #[allow(clippy::boxed_local)]
+    pub fn run<C: RelayIo>(
         self: Box<Self>,
         client: C,
         client_early: Bytes,
         wave: Arc<Wave>,
-    ) -> Outcome {
-        // Built in a plain function: the parts never become locals of this future,
-        // which lives as long as the tunnel (an idle one pays for every byte of it).
+    ) -> impl Future<Output = Outcome> + Send {
         let (mut tunnel, backend_early) = (*self).into_tunnel(client);
-        tunnel.run(client_early, backend_early, wave).await
+        let early_end = tunnel.feed_early(client_early, backend_early);
+        drive(tunnel, early_end, wave)
     }
 
     /// Everything the relay keeps, in one box worked on in place: nothing big is
@@ -615,11 +609,20 @@ enum Event {
     ClientFlushed(io::Result<()>),
 }
 
+/// The tunnel's life after its start: the relay loop, then the close.
+async fn drive<C: RelayIo, B: RelayIo>(
+    mut tunnel: Box<Tunnel<C, B>>,
+    early_end: Option<End>,
+    wave: Arc<Wave>,
+) -> Outcome {
+    tunnel.run(early_end, &wave).await
+}
+
 impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
-    async fn run(&mut self, client_early: Bytes, backend_early: Bytes, wave: Arc<Wave>) -> Outcome {
-        let end = match self.feed_early(client_early, backend_early) {
+    async fn run(&mut self, early_end: Option<End>, wave: &Wave) -> Outcome {
+        let end = match early_end {
             Some(end) => end,
-            None => self.relay(&wave).await,
+            None => self.relay(wave).await,
         };
         if let Some(meter) = self.meter.as_mut() {
             meter.add(&self.up, &self.down, Instant::now());
