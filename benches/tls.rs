@@ -43,7 +43,7 @@ fn wsgate(binary: &str, dir: &std::path::Path, backends: &[SocketAddr]) -> Proxy
         "[server]\nlisten = [\"127.0.0.1:{plain}\"]\nmax_connections = 20000\n\
          [tls]\nlisten = [\"127.0.0.1:{tls}\"]\nhttp2 = false\n\
          [[tls.cert]]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
-         [admin]\nmessage_metrics = false\n\
+         [admin]\nmessage_metrics = false\n[log]\naccess = \"off\"\n\
          [[route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [{}]\n",
         list.join(", "),
         dir = dir.display()

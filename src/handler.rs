@@ -291,9 +291,7 @@ async fn upgrade_request(
                 .metrics
                 .upgrade
                 .record(started.elapsed().as_secs_f64());
-            let protocol = if accepted.h2 { "h2" } else { "h1" };
-            ::metrics::counter!(m::WEBSOCKETS, "pool" => accepted.route_pool.name.clone(), "protocol" => protocol)
-                .increment(1);
+            accepted.metrics.websockets[usize::from(accepted.h2)].increment(1);
             start_tunnel(accepted, id, &shared, &conn, span)
         }
         Err(refusal) => {

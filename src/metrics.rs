@@ -176,6 +176,8 @@ pub struct PoolMetrics {
     /// Messages client to backend, backend to client, bytes the same: shared by
     /// the pool's tunnels.
     pub traffic: std::sync::Arc<[metrics::Counter; 4]>,
+    /// `wsgate_websockets_total` for `h1` and `h2`.
+    pub websockets: [metrics::Counter; 2],
 }
 
 impl PoolMetrics {
@@ -188,6 +190,9 @@ impl PoolMetrics {
                 .iter()
                 .map(|b| upgrade_counter(&pool.name, &b.addr.to_string(), "ok"))
                 .collect(),
+            websockets: ["h1", "h2"].map(|protocol| {
+                metrics::counter!(WEBSOCKETS, "pool" => pool.name.clone(), "protocol" => protocol)
+            }),
             traffic: {
                 let counter = |name: &'static str, direction: &'static str| metrics::counter!(name, "pool" => pool.name.clone(), "direction" => direction);
                 std::sync::Arc::new([

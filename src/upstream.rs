@@ -184,7 +184,11 @@ pub async fn open(
     let attempts = settings.retries + 1;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = UpstreamError::NoBackend;
-    let mut request = Some(request);
+    // Encoded once: every attempt sends the same bytes and checks the answer
+    // against the same offer.
+    let offer = crate::handshake::Offer::of(&request);
+    let wire = encode_request(&request);
+    drop(request);
     for attempt in 1..=attempts {
         // The sticky backend first, while it can take it; then least-connections.
         let sticky = preferred.filter(|_| attempt == 1).and_then(|i| {
@@ -196,15 +200,7 @@ pub async fn open(
         };
         tried.push(index);
         let backend = guard.backend().clone();
-        // While another attempt may follow, send a copy and keep the original.
-        let this = match (attempt < attempts, request.as_ref()) {
-            (true, Some(original)) => copy(original),
-            _ => match request.take() {
-                Some(last) => last,
-                None => break,
-            },
-        };
-        match attempt_one(pool, this, index, guard, addresses).await {
+        match attempt_one(pool, (&wire, &offer), index, guard, addresses).await {
             Ok(answer) => {
                 backend.record_attempt(&pool.name, true, settings);
                 return Ok(answer);
@@ -234,7 +230,7 @@ pub async fn open(
 /// One backend: connect, send the upgrade, read the answer, each within its time.
 async fn attempt_one(
     pool: &Pool,
-    request: Request<Empty<Bytes>>,
+    request: (&[u8], &crate::handshake::Offer),
     index: usize,
     guard: ConnGuard,
     addresses: (SocketAddr, SocketAddr),
@@ -315,16 +311,6 @@ impl IntoBackendStream for tokio_rustls::client::TlsStream<TcpStream> {
     }
 }
 
-/// The same request again, for another backend.
-fn copy(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
-    let mut again = Request::new(Empty::new());
-    *again.method_mut() = request.method().clone();
-    *again.uri_mut() = request.uri().clone();
-    *again.version_mut() = request.version();
-    *again.headers_mut() = request.headers().clone();
-    again
-}
-
 /// Opens a TCP connection to a backend (for upgrades and health checks alike).
 pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
     let stream = match addr {
@@ -341,7 +327,7 @@ pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
 /// whole (its body bounded) and passed back.
 async fn handshake<S>(
     mut stream: S,
-    request: Request<Empty<Bytes>>,
+    (wire, offer): (&[u8], &crate::handshake::Offer),
     index: usize,
     guard: ConnGuard,
 ) -> Result<Answer, UpstreamError>
@@ -353,9 +339,8 @@ where
     let backend = guard.backend().clone();
     let addr = || backend.addr.clone();
     let unreadable = |why: String| UpstreamError::Unreadable { addr: addr(), why };
-    let offer = crate::handshake::Offer::of(&request);
     stream
-        .write_all(&encode_request(&request))
+        .write_all(wire)
         .await
         .map_err(|e| unreadable(format!("sending the upgrade: {e}")))?;
     let mut buf = bytes::BytesMut::with_capacity(1024);

@@ -142,9 +142,10 @@ pub fn wsgate(binary: &str, backends: &[SocketAddr]) -> Target {
         .iter()
         .map(|b| format!("{{ addr = \"{b}\" }}"))
         .collect();
+    // The access log off, as HAProxy's and NGINX's are in their configurations.
     let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[[route]]\npath = \"/\"\npool = \"echo\"\n\
-         [pool.echo]\nbackends = [{}]\n",
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[log]\naccess = \"off\"\n\
+         [[route]]\npath = \"/\"\npool = \"echo\"\n[pool.echo]\nbackends = [{}]\n",
         list.join(", ")
     );
     let path = scratch.0.join("proxy.toml");
