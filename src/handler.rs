@@ -579,21 +579,24 @@ fn start_tunnel(
             }
         };
         tracing::debug!("tunnel open");
-        let opened = Instant::now();
         let outcome = match client_stream(client) {
             ClientStream::Tcp(tcp, early) => tunnel.run(tcp, early, wave).await,
             ClientStream::Tls(tls, early) => tunnel.run(tls, early, wave).await,
             ClientStream::Other(stream) => tunnel.run(stream, Bytes::new(), wave).await,
         };
         count_close(&pool.name, &outcome);
-        metrics.connection.record(opened.elapsed().as_secs_f64());
+        metrics.connection.record(outcome.duration.as_secs_f64());
         if let Some(entry) = &access {
-            log_tunnel(entry, &pool, &outcome, opened.elapsed());
+            log_tunnel(entry, &pool, &outcome, outcome.duration);
         }
         tracing::debug!(?outcome, "tunnel closed");
+    };
+    // A disabled span (debug logging off) is not carried for the tunnel's life.
+    if span.is_disabled() {
+        shared.tracker.spawn(task);
+    } else {
+        shared.tracker.spawn(task.instrument(span));
     }
-    .instrument(span);
-    shared.tracker.spawn(task);
     let mut response = if h2 {
         handshake::h2_accepted(head)
     } else {

@@ -99,6 +99,8 @@ pub struct Outcome {
     pub backend_to_client: Tally,
     /// Who sent the first close frame, if anyone did.
     pub first_close: Option<Side>,
+    /// From the tunnel's start to both sockets closed.
+    pub duration: Duration,
 }
 
 /// The shared message and byte counters of one pool, and what this tunnel has
@@ -628,11 +630,12 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             meter.add(&self.up, &self.down, Instant::now());
         }
         self.note_first_close();
-        let outcome = Outcome {
+        let mut outcome = Outcome {
             end,
             first_close: self.first_close,
             client_to_backend: self.up.tally(),
             backend_to_client: self.down.tally(),
+            duration: Duration::ZERO,
         };
         // After `Closed` both sides have sent and received FIN: nothing to close.
         if end != End::Closed {
@@ -640,6 +643,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             // closing, not in every idle one.
             Box::pin(self.finish(end)).await;
         }
+        outcome.duration = self.opened.elapsed();
         outcome
     }
 
