@@ -161,12 +161,7 @@ async fn one_json_line_per_tunnel_and_refusal_reopened_on_sigusr1() {
     // logrotate: the file moves, SIGUSR1, the next line starts a new file.
     let rotated = dir.join("access.log.1");
     std::fs::rename(&log, &rotated).expect("rotate");
-    let pid = proxy.pid().expect("pid");
-    let killed = std::process::Command::new("kill")
-        .args(["-USR1", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    proxy.signal("USR1");
     proxy
         .wait_logged("reopening the access log", 1, Duration::from_secs(5))
         .await;
