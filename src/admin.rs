@@ -53,6 +53,19 @@ fn backend_json(b: &crate::balancer::Backend) -> serde_json::Value {
     })
 }
 
+/// Every pool with its backends, as `/backends` and `/stats` show them.
+fn pools_json(snapshot: &crate::state::Snapshot) -> Vec<serde_json::Value> {
+    snapshot
+        .pools
+        .values()
+        .map(|pool| {
+            let backends: Vec<serde_json::Value> =
+                pool.backends.iter().map(|b| backend_json(b)).collect();
+            json!({"name": pool.name, "backends": backends})
+        })
+        .collect()
+}
+
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
@@ -275,15 +288,7 @@ impl Admin {
             .into_iter()
             .map(|(id, at)| json!({"id": id, "heartbeat_age_ms": now.saturating_sub(at)}))
             .collect();
-        let pools: Vec<serde_json::Value> = snapshot
-            .pools
-            .values()
-            .map(|pool| {
-                let backends: Vec<serde_json::Value> =
-                    pool.backends.iter().map(|b| backend_json(b)).collect();
-                json!({"name": pool.name, "backends": backends})
-            })
-            .collect();
+        let pools = pools_json(&snapshot);
         json_response(
             StatusCode::OK,
             json!({
@@ -299,15 +304,7 @@ impl Admin {
 
     fn backends(&self) -> Response<Full<Bytes>> {
         let snapshot = self.state.load();
-        let pools: Vec<serde_json::Value> = snapshot
-            .pools
-            .values()
-            .map(|pool| {
-                let backends: Vec<serde_json::Value> =
-                    pool.backends.iter().map(|b| backend_json(b)).collect();
-                json!({"name": pool.name, "backends": backends})
-            })
-            .collect();
+        let pools = pools_json(&snapshot);
         json_response(
             StatusCode::OK,
             json!({"instance": self.cluster.instance_id(), "pools": pools}),

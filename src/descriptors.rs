@@ -54,7 +54,7 @@ pub fn exhausted_in(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Counts one operation that failed for lack of descriptors (`at`: `accept`,
 /// `connect`, `check`), and warns the first time in an episode.
-pub fn note(at: &'static str, limit_hint: &io::Error) {
+pub fn note(at: &'static str, error: &dyn std::fmt::Display) {
     metrics::counter!(m::DESCRIPTORS_EXHAUSTED, "at" => at).increment(1);
     let now = epoch().elapsed().as_millis() as u64 + 1;
     let last = LAST_EXHAUSTED.swap(now, Ordering::Relaxed);
@@ -62,7 +62,7 @@ pub fn note(at: &'static str, limit_hint: &io::Error) {
         let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
         tracing::warn!(
             at,
-            error = %limit_hint,
+            error = %error,
             soft_limit = soft,
             hard_limit = hard,
             "wsgate is out of file descriptors: clients get 503 and no backend is blamed until some are free (raise `ulimit -n` or lower [server] max_connections)"

@@ -109,8 +109,7 @@ pub async fn forward(
             }
             Ok(Err(e)) if crate::descriptors::exhausted_in(&e) => {
                 // wsgate's own condition: the backend is not blamed.
-                let io = std::io::Error::from_raw_os_error(24);
-                crate::descriptors::note("connect", &io);
+                crate::descriptors::note("connect", &crate::Chain(&e));
                 count(
                     &pool.name,
                     &backend.addr.to_string(),

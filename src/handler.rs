@@ -62,8 +62,9 @@ pub struct ConnHold {
 #[derive(Clone)]
 pub struct Conn {
     pub peer: Peer,
-    /// The address the client connected to (a pool's PROXY protocol names it).
-    pub local: SocketAddr,
+    /// The address the client connected to, read when a pool's PROXY protocol
+    /// will name it.
+    pub local: Option<SocketAddr>,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The address held more than `max_connections_per_ip` when this one came:
@@ -78,6 +79,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Why an upgrade request did not become a tunnel: the answer the client gets and
 /// the labels it is counted under.
 pub struct Refusal {
+    /// The route the request matched (its path), for the access log.
+    pub route: String,
     pub pool: String,
     /// The backend that answered or failed, if one was asked.
     pub backend: String,
@@ -90,6 +93,7 @@ pub struct Refusal {
 impl Refusal {
     fn new(pool: &str, result: &'static str, response: Response<Full<Bytes>>) -> Refusal {
         Refusal {
+            route: String::new(),
             pool: pool.to_string(),
             backend: String::new(),
             result,
@@ -109,8 +113,8 @@ struct Accepted {
     cookie: Option<http::HeaderValue>,
     /// An HTTP/2 WebSocket (RFC 8441): answered 200, not 101.
     h2: bool,
-    /// The route's path, for the access log.
-    route_path: String,
+    /// The route's path, for the access log (only while it is on).
+    route_path: Option<String>,
 }
 
 /// What the access log says of a tunnel when it ends; made only while the access
@@ -137,7 +141,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
             m::upgrade_counter("", "", refusal.result).increment(1);
             if crate::access::enabled() {
                 let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                log_refusal(id, &conn, "", &refusal, Instant::now());
+                log_refusal(id, &conn, &refusal, Instant::now());
             }
         }
         return full(*refusal.response);
@@ -166,13 +170,13 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
 }
 
 /// One access-log line for a refused upgrade.
-fn log_refusal(id: u64, conn: &Conn, route: &str, refusal: &Refusal, started: Instant) {
+fn log_refusal(id: u64, conn: &Conn, refusal: &Refusal, started: Instant) {
     tracing::info!(
         target: crate::access::TARGET,
         event = "refused",
         conn = id,
         client = %conn.peer.client,
-        route,
+        route = refusal.route.as_str(),
         pool = refusal.pool.as_str(),
         backend = refusal.backend.as_str(),
         status = refusal.response.status().as_u16(),
@@ -263,13 +267,6 @@ async fn upgrade_request(
         backend = tracing::field::Empty,
     );
     let instances = shared.cluster.instances();
-    // The route as matched before the request's headers move to the backend.
-    let route_for_log = crate::access::enabled().then(|| {
-        snapshot
-            .route(handshake::request_host(&req), req.uri().path())
-            .map(|r| r.path.clone())
-    });
-    let route_for_log = route_for_log.as_ref().map(|r| r.as_deref());
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
     let accepted = upgrade(&mut req, &conn, &snapshot, &shared.per_ip, &span, instances)
         .instrument(span.clone())
@@ -296,8 +293,8 @@ async fn upgrade_request(
         }
         Err(refusal) => {
             m::upgrade_counter(&refusal.pool, &refusal.backend, refusal.result).increment(1);
-            if let Some(route) = route_for_log {
-                log_refusal(id, &conn, route.unwrap_or(""), &refusal, started);
+            if crate::access::enabled() {
+                log_refusal(id, &conn, &refusal, started);
             }
             *refusal.response
         }
@@ -331,7 +328,8 @@ fn page(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Full<Bytes>
     Some(page)
 }
 
-/// Route → validate → identity → backend.
+/// The client's allowance → route → the rest ([`upgrade_on`]); a refusal names
+/// the route it matched.
 async fn upgrade(
     req: &mut Request<Incoming>,
     conn: &Conn,
@@ -343,9 +341,29 @@ async fn upgrade(
     if let Some(rate) = snapshot.config.server.max_upgrades_per_ip
         && let Err(over) = per_ip.upgrade(conn.peer.client.ip(), rate)
     {
-        return Err(Refusal::new("", "ip_limited", too_many(over)));
+        let mut refusal = Refusal::new("", "ip_limited", too_many(over));
+        if let Some(route) = snapshot.route(handshake::request_host(req), req.uri().path()) {
+            refusal.route = route.path.clone();
+        }
+        return Err(refusal);
     }
     let route = find_route(snapshot, req)?;
+    upgrade_on(route, req, conn, span, instances)
+        .await
+        .map_err(|mut refusal| {
+            refusal.route = route.path.clone();
+            refusal
+        })
+}
+
+/// Validate → origin → identity → admission → backend.
+async fn upgrade_on(
+    route: &Route,
+    req: &mut Request<Incoming>,
+    conn: &Conn,
+    span: &tracing::Span,
+    instances: usize,
+) -> Result<Accepted, Refusal> {
     span.record("route", route.path.as_str());
     span.record("pool", route.pool.name.as_str());
     validate(route, req)?;
@@ -362,7 +380,7 @@ async fn upgrade(
     let request = handshake::backend_request(req, &conn.peer, conn.proto, user.as_deref());
     // The backend's 101 was checked against this request's offer (the key wsgate
     // made for HTTP/2, or the client's own) in `upstream`.
-    let addresses = (conn.peer.client, conn.local);
+    let addresses = conn.local.map(|local| (conn.peer.client, local));
     let upgraded = ask_backends(route, request, placement.preferred, addresses).await?;
     let cookie = placement.set_cookie(&route.pool, upgraded.index, conn.proto == "https");
     span.record(
@@ -377,7 +395,7 @@ async fn upgrade(
         client,
         cookie,
         h2,
-        route_path: route.path.clone(),
+        route_path: crate::access::enabled().then(|| route.path.clone()),
     })
 }
 
@@ -463,7 +481,7 @@ async fn ask_backends(
     route: &Route,
     request: Request<http_body_util::Empty<Bytes>>,
     preferred: Option<usize>,
-    addresses: (SocketAddr, SocketAddr),
+    addresses: Option<(SocketAddr, SocketAddr)>,
 ) -> Result<Upgraded, Refusal> {
     let pool = &route.pool;
     let mut rng = fastrand::Rng::new();
@@ -472,6 +490,7 @@ async fn ask_backends(
         Ok(Answer::Declined { response, backend }) => {
             tracing::info!(status = %response.status(), %backend, "backend declined the upgrade");
             Err(Refusal {
+                route: String::new(),
                 pool: pool.name.clone(),
                 backend: backend.to_string(),
                 result: "backend_rejected",
@@ -496,6 +515,7 @@ async fn ask_backends(
                 tracing::warn!(error = %crate::Chain(&e), "no backend took the upgrade");
             }
             Err(Refusal {
+                route: String::new(),
                 pool: pool.name.clone(),
                 backend: e.backend().map(ToString::to_string).unwrap_or_default(),
                 result: e.label(),
@@ -528,7 +548,7 @@ fn start_tunnel(
         Box::new(AccessEntry {
             conn: id,
             client: conn.peer.client,
-            route: route_path,
+            route: route_path.unwrap_or_default(),
             user: user.clone(),
             backend: upgraded.index,
             h2,

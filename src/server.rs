@@ -167,8 +167,13 @@ async fn admit(
     permit: OwnedSemaphorePermit,
     proto: &'static str,
 ) -> Option<Conn> {
-    let settings = &shared.state.load().config.server;
-    let local = stream.local_addr().unwrap_or(addr);
+    let snapshot = shared.state.load();
+    let settings = &snapshot.config.server;
+    // One system call a connection, made only when a pool will send it on.
+    let local = snapshot
+        .names_local_address
+        .then(|| stream.local_addr().ok())
+        .flatten();
     let mut peer = Peer::direct(addr, settings);
     if settings.proxy_protocol && peer.trusted {
         let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
@@ -204,7 +209,12 @@ async fn serve_connection<I>(stream: I, conn: Conn, shared: Shared)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let settings = shared.state.load().config.server.clone();
+    // Two numbers, not a copy of the whole [server] table (lists included) per
+    // connection.
+    let (handshake_timeout, max_header_bytes) = {
+        let server = &shared.state.load().config.server;
+        (server.handshake_timeout, server.max_header_bytes)
+    };
     let stopping = shared.stopping.clone();
     let peer = conn.peer.client;
     let service = service_fn(move |req| {
@@ -214,8 +224,8 @@ where
     let served = serve_h1(
         stream,
         service,
-        settings.handshake_timeout,
-        Some(settings.max_header_bytes),
+        handshake_timeout,
+        Some(max_header_bytes),
         &stopping,
     )
     .await;

@@ -25,6 +25,9 @@ pub struct Snapshot {
     /// Every configured pool, and what is left of removed ones while they have
     /// tunnels.
     pub pools: BTreeMap<String, Arc<Pool>>,
+    /// Some pool sends backends the PROXY protocol, which names the address a
+    /// client connected to: only then is it read for each connection.
+    pub names_local_address: bool,
 }
 
 #[derive(Debug)]
@@ -133,6 +136,7 @@ impl Snapshot {
         Snapshot {
             config: config.clone(),
             routes,
+            names_local_address: config.pools.values().any(|p| p.proxy_protocol.is_some()),
             pools,
         }
     }

@@ -178,7 +178,7 @@ pub async fn open(
     request: Request<Empty<Bytes>>,
     rng: &mut fastrand::Rng,
     preferred: Option<usize>,
-    addresses: (SocketAddr, SocketAddr),
+    addresses: Option<(SocketAddr, SocketAddr)>,
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
     let attempts = settings.retries + 1;
@@ -233,7 +233,7 @@ async fn attempt_one(
     request: (&[u8], &crate::handshake::Offer),
     index: usize,
     guard: ConnGuard,
-    addresses: (SocketAddr, SocketAddr),
+    addresses: Option<(SocketAddr, SocketAddr)>,
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
     let addr = || guard.backend().addr.clone();
@@ -256,8 +256,10 @@ async fn attempt_one(
         async {
             let mut stream = stream;
             if let Some(version) = settings.proxy_protocol {
-                // First, before TLS: who the client is, as the backend asked.
-                let header = crate::clients::proxy_header(version, Some(addresses));
+                // First, before TLS: who the client is, as the backend asked
+                // (UNKNOWN/LOCAL in the rare connection accepted before a reload
+                // turned this on, whose local address was not read).
+                let header = crate::clients::proxy_header(version, addresses);
                 tokio::io::AsyncWriteExt::write_all(&mut stream, &header)
                     .await
                     .map_err(|source| UpstreamError::Connect {

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{Value, json};
@@ -149,20 +148,7 @@ async fn two_browser_tabs_on_different_backends_talk_through_the_relay() {
     browser
         .call(Some(&bob), "Page.bringToFront", json!({}))
         .await;
-    let shot = browser
-        .call(
-            Some(&bob),
-            "Page.captureScreenshot",
-            json!({"format": "png"}),
-        )
-        .await;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().expect("png data"))
-        .expect("base64");
-    assert!(png.starts_with(b"\x89PNG"));
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-two-tabs.png");
-    std::fs::write(&path, &png).expect("write screenshot");
-    println!("screenshot: {}", path.display());
+    browser.screenshot(&bob, "demo-two-tabs.png").await;
 
     // Drain alice's backend through the admin API: after the demo's 1 s
     // drain_timeout her tab is closed with 1012, reconnects by itself, lands on

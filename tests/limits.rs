@@ -10,6 +10,26 @@ use futures_util::SinkExt;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Every held connection still echoes.
+async fn all_still_echo(held: &mut [Ws]) {
+    for (i, ws) in held.iter_mut().enumerate() {
+        ws.send(Message::text(format!("still {i}")))
+            .await
+            .expect("send");
+        assert_eq!(next(ws).await, Message::text(format!("still {i}")));
+    }
+}
+
+/// An upgrade once wsgate has descriptors again: 50 tries of up to 2 s each.
+async fn connect_again(proxy: &ProxyProcess, what: &str) -> Ws {
+    for _ in 0..50 {
+        if let Some(ws) = try_connect(proxy).await {
+            return ws;
+        }
+    }
+    panic!("{what}");
+}
+
 /// One upgrade through the proxy, given up after 2 s.
 async fn try_connect(proxy: &ProxyProcess) -> Option<Ws> {
     let attempt = timeout(Duration::from_secs(2), async {
@@ -57,12 +77,7 @@ async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
     );
 
     // Every connection made before the limit still works.
-    for (i, ws) in held.iter_mut().enumerate() {
-        ws.send(Message::text(format!("still {i}")))
-            .await
-            .expect("send");
-        assert_eq!(next(ws).await, Message::text(format!("still {i}")));
-    }
+    all_still_echo(&mut held).await;
 
     // Free descriptors: wsgate serves new connections again.
     let before = held.len();
@@ -70,14 +85,7 @@ async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
         ws.close(None).await.expect("close");
         close_code(&mut ws, Duration::from_secs(5)).await;
     }
-    let mut again = None;
-    for _ in 0..50 {
-        if let Some(ws) = try_connect(&proxy).await {
-            again = Some(ws);
-            break;
-        }
-    }
-    let mut ws = again.expect("wsgate never recovered from the fd limit");
+    let mut ws = connect_again(&proxy, "wsgate never recovered from the fd limit").await;
     ws.send(Message::text("after")).await.expect("send");
     assert_eq!(next(&mut ws).await, Message::text("after"));
 }
@@ -160,20 +168,8 @@ async fn out_of_descriptors_is_a_503_and_never_a_backend_failure() {
 
     // The flood is gone: the steady clients never noticed, service is normal, the
     // backend was never ejected nor blamed.
-    for (i, ws) in steady.iter_mut().enumerate() {
-        ws.send(Message::text(format!("still {i}")))
-            .await
-            .expect("send");
-        assert_eq!(next(ws).await, Message::text(format!("still {i}")));
-    }
-    let mut ws = None;
-    for _ in 0..50 {
-        if let Some(w) = try_connect(&proxy).await {
-            ws = Some(w);
-            break;
-        }
-    }
-    let mut ws = ws.expect("no upgrade after the flood");
+    all_still_echo(&mut steady).await;
+    let mut ws = connect_again(&proxy, "no upgrade after the flood").await;
     ws.send(Message::text("after")).await.expect("send");
     assert_eq!(next(&mut ws).await, Message::text("after"));
     let (_, backends) = http_get(admin, "/backends", "").await;

@@ -7,7 +7,6 @@ mod common;
 #[path = "common/browser.rs"]
 mod browser;
 
-use base64::Engine;
 use browser::Browser;
 use common::*;
 use serde_json::{Value, json};
@@ -106,20 +105,7 @@ async fn the_stats_page_shows_live_counts_per_backend() {
         .await;
     assert_eq!(weight, json!("2"));
 
-    let png = browser
-        .call(
-            Some(&page),
-            "Page.captureScreenshot",
-            json!({"format": "png"}),
-        )
-        .await;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(png["data"].as_str().expect("png data"))
-        .expect("base64");
-    assert!(png.starts_with(b"\x89PNG"));
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("stats-page.png");
-    std::fs::write(&path, &png).expect("write screenshot");
-    println!("screenshot: {}", path.display());
+    browser.screenshot(&page, "stats-page.png").await;
 
     // One connection closes: the page follows within its refresh.
     let mut gone = clients.pop().expect("a client");

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use wsgate::frame::{MAX_HELD, Rules, Walk, Walker, encode};
 
 /// What the reference parser makes of a whole stream.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Verdict {
     /// Offsets where a frame starts (and the end, when a frame ends there).
     boundaries: Vec<usize>,
@@ -21,13 +21,7 @@ struct Verdict {
 /// The whole stream at once, frame by frame, the rules in the order RFC 6455
 /// states them.
 fn reference(stream: &[u8], max: u64, rules: Rules) -> Verdict {
-    let mut v = Verdict {
-        boundaries: Vec::new(),
-        messages: 0,
-        close: None,
-        stop: None,
-        held: 0,
-    };
+    let mut v = Verdict::default();
     let mut pos = 0usize;
     let mut message: Option<u64> = None;
     while pos < stream.len() {
@@ -157,13 +151,7 @@ fn reference(stream: &[u8], max: u64, rules: Rules) -> Verdict {
 /// into the next piece as the relay does.
 fn walked(stream: &[u8], cuts: &[usize], max: u64, rules: Rules) -> Verdict {
     let mut walker = Walker::with_rules(max, rules);
-    let mut v = Verdict {
-        boundaries: Vec::new(),
-        messages: 0,
-        close: None,
-        stop: None,
-        held: 0,
-    };
+    let mut v = Verdict::default();
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
     points.push(stream.len());
     points.sort_unstable();

@@ -161,4 +161,24 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// A PNG of the tab, kept as `target/tmp/NAME`; returns its path.
+    pub async fn screenshot(&mut self, session: &str, name: &str) -> std::path::PathBuf {
+        use base64::Engine;
+        let shot = self
+            .call(
+                Some(session),
+                "Page.captureScreenshot",
+                json!({"format": "png"}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("png data"))
+            .expect("base64");
+        assert!(png.starts_with(b"\x89PNG"));
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::write(&path, &png).expect("write screenshot");
+        println!("screenshot: {}", path.display());
+        path
+    }
 }
