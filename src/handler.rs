@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::clients::{IpSlot, OverLimit, Peer, PerIp};
 use crate::cluster::Cluster;
+use crate::direct::Rewind;
 use crate::forward::{ProxyBody, full};
 use crate::handshake::{self, Rejection};
 use crate::metrics::{self as m, PoolMetrics};
@@ -166,7 +167,37 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
             return crate::forward::forward(req, &conn, route, &shared.http, user).await;
         }
     }
-    full(upgrade_request(req, conn, shared).await)
+    let tracker = shared.tracker.clone();
+    let (response, pending) = upgrade_request(req, conn, shared).await;
+    if let Some(pending) = pending {
+        pending.spawn(&tracker);
+    }
+    full(response)
+}
+
+/// Answers a plain HTTP/1.1 WebSocket upgrade read without hyper (see
+/// `server::serve_plain`): the response to write, and the tunnel to run on the
+/// connection once it is written. Everything [`handle`] does for an upgrade,
+/// in the same order.
+pub async fn upgrade_direct(
+    mut req: Request<()>,
+    conn: Conn,
+    shared: Shared,
+) -> (Response<Full<Bytes>>, Option<Pending>) {
+    if conn.over_ip_limit {
+        let refusal = Refusal::new("", "ip_limited", too_many(OverLimit::Connections));
+        m::upgrade_counter("", "", refusal.result).increment(1);
+        if crate::access::enabled() {
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            log_refusal(id, &conn, &refusal, Instant::now());
+        }
+        return (*refusal.response, None);
+    }
+    if shared.stopping.is_cancelled() {
+        return (shutting_down(), None);
+    }
+    handshake::normalize_path(&mut req);
+    upgrade_request(req, conn, shared).await
 }
 
 /// One access-log line for a refused upgrade.
@@ -247,11 +278,11 @@ fn too_many(over: OverLimit) -> Response<Full<Bytes>> {
 }
 
 /// A WebSocket upgrade (or a request refused as one).
-async fn upgrade_request(
-    mut req: Request<Incoming>,
+async fn upgrade_request<B>(
+    mut req: Request<B>,
     conn: Conn,
     shared: Shared,
-) -> Response<Full<Bytes>> {
+) -> (Response<Full<Bytes>>, Option<Pending>) {
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -277,7 +308,7 @@ async fn upgrade_request(
         // unused, and the client told to come back, never given a 101 and a close.
         Ok(accepted) if shared.stopping.is_cancelled() => {
             m::upgrade_counter(&accepted.route_pool.name, "", "shutting_down").increment(1);
-            shutting_down()
+            (shutting_down(), None)
         }
         Ok(accepted) => {
             let Upgraded { index, .. } = accepted.upgraded;
@@ -296,7 +327,7 @@ async fn upgrade_request(
             if crate::access::enabled() {
                 log_refusal(id, &conn, &refusal, started);
             }
-            *refusal.response
+            (*refusal.response, None)
         }
     }
 }
@@ -330,8 +361,8 @@ fn page(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Full<Bytes>
 
 /// The client's allowance → route → the rest ([`upgrade_on`]); a refusal names
 /// the route it matched.
-async fn upgrade(
-    req: &mut Request<Incoming>,
+async fn upgrade<B>(
+    req: &mut Request<B>,
     conn: &Conn,
     snapshot: &Snapshot,
     per_ip: &PerIp,
@@ -357,9 +388,9 @@ async fn upgrade(
 }
 
 /// Validate → origin → identity → admission → backend.
-async fn upgrade_on(
+async fn upgrade_on<B>(
     route: &Route,
-    req: &mut Request<Incoming>,
+    req: &mut Request<B>,
     conn: &Conn,
     span: &tracing::Span,
     instances: usize,
@@ -400,7 +431,7 @@ async fn upgrade_on(
 }
 
 /// Which route: the first that matches host and path.
-fn find_route<'s>(snapshot: &'s Snapshot, req: &Request<Incoming>) -> Result<&'s Route, Refusal> {
+fn find_route<'s, B>(snapshot: &'s Snapshot, req: &Request<B>) -> Result<&'s Route, Refusal> {
     snapshot
         .route(handshake::request_host(req), req.uri().path())
         .ok_or_else(|| {
@@ -410,7 +441,7 @@ fn find_route<'s>(snapshot: &'s Snapshot, req: &Request<Incoming>) -> Result<&'s
 }
 
 /// Is it a valid WebSocket upgrade (RFC 6455 §4.2.1)?
-fn validate(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
+fn validate<B>(route: &Route, req: &Request<B>) -> Result<(), Refusal> {
     handshake::validate(req).map_err(|rejection| {
         tracing::debug!(?rejection, "rejected upgrade");
         Refusal::new(&route.pool.name, "bad_request", rejection.response())
@@ -419,7 +450,7 @@ fn validate(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
 
 /// May a page from where it comes open it: the route's `origins`, when it has
 /// them. A request without `Origin` does not come from a browser page and passes.
-fn check_origin(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
+fn check_origin<B>(route: &Route, req: &Request<B>) -> Result<(), Refusal> {
     let Some(allowed) = &route.origins else {
         return Ok(());
     };
@@ -442,7 +473,7 @@ fn check_origin(route: &Route, req: &Request<Incoming>) -> Result<(), Refusal> {
 }
 
 /// Whose is it: the presence identity, when the route reads one.
-fn identity(route: &Route, req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
+fn identity<B>(route: &Route, req: &Request<B>) -> Result<Option<String>, Refusal> {
     let Some(source) = &route.identity else {
         return Ok(None);
     };
@@ -525,14 +556,110 @@ async fn ask_backends(
     }
 }
 
-/// Joins presence, builds the tunnel and spawns its task; returns the 101.
+/// A tunnel whose backend said 101, waiting for the client's side: hyper hands
+/// it over once the 101 is written ([`Pending::spawn`]), or the connection's own
+/// task runs it in place ([`Pending::run`]).
+pub struct Pending {
+    tunnel: Box<Prepared<upstream::BackendStream>>,
+    /// The client's upgrade as hyper completes it (unused when run in place).
+    client: OnUpgrade,
+    pool: Arc<crate::balancer::Pool>,
+    metrics: Arc<PoolMetrics>,
+    access: Option<Box<AccessEntry>>,
+    wave: Arc<crate::closing::Wave>,
+    span: tracing::Span,
+}
+
+impl Pending {
+    /// A task of its own that waits for hyper to hand over the client's stream.
+    fn spawn(self, tracker: &TaskTracker) {
+        let span = self.span.clone();
+        let task = async move {
+            let client = match self.client.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client left during the upgrade");
+                    return;
+                }
+            };
+            let Pending {
+                tunnel,
+                pool,
+                metrics,
+                access,
+                wave,
+                ..
+            } = self;
+            relay(tunnel, client_stream(client), pool, metrics, access, wave).await;
+        };
+        // A disabled span (debug logging off) is not carried for the tunnel's life.
+        if span.is_disabled() {
+            tracker.spawn(task);
+        } else {
+            tracker.spawn(task.instrument(span));
+        }
+    }
+
+    /// Relays in the caller's task, the 101 written: `client` is the plain TCP
+    /// stream the upgrade came on, `early` what the client sent behind it.
+    pub async fn run(self, client: TcpStream, early: Bytes) {
+        let Pending {
+            tunnel,
+            pool,
+            metrics,
+            access,
+            wave,
+            span,
+            ..
+        } = self;
+        let relayed = relay(
+            tunnel,
+            ClientStream::Tcp(client, early),
+            pool,
+            metrics,
+            access,
+            wave,
+        );
+        if span.is_disabled() {
+            relayed.await
+        } else {
+            relayed.instrument(span).await
+        }
+    }
+}
+
+/// Relays until the tunnel ends, then counts and logs how it ended.
+async fn relay(
+    tunnel: Box<Prepared<upstream::BackendStream>>,
+    client: ClientStream,
+    pool: Arc<crate::balancer::Pool>,
+    metrics: Arc<PoolMetrics>,
+    access: Option<Box<AccessEntry>>,
+    wave: Arc<crate::closing::Wave>,
+) {
+    tracing::debug!("tunnel open");
+    let outcome = match client {
+        ClientStream::Tcp(tcp, early) => tunnel.run(tcp, early, wave).await,
+        ClientStream::Tls(tls, early) => tunnel.run(tls, early, wave).await,
+        ClientStream::Other(stream) => tunnel.run(stream, Bytes::new(), wave).await,
+    };
+    count_close(&pool.name, &outcome);
+    metrics.connection.record(outcome.duration.as_secs_f64());
+    if let Some(entry) = &access {
+        log_tunnel(entry, &pool, &outcome, outcome.duration);
+    }
+    tracing::debug!(?outcome, "tunnel closed");
+}
+
+/// Joins presence and builds the tunnel; returns the 101 and the tunnel, to be
+/// run once the 101 is on its way.
 fn start_tunnel(
     accepted: Accepted,
     id: u64,
     shared: &Shared,
     conn: &Conn,
     span: tracing::Span,
-) -> Response<Full<Bytes>> {
+) -> (Response<Full<Bytes>>, Option<Pending>) {
     let Accepted {
         route_pool: pool,
         metrics,
@@ -590,33 +717,6 @@ fn start_tunnel(
     let message_metrics = shared.state.load().config.admin.message_metrics;
     let meter = message_metrics.then(|| Meter::new(metrics.traffic.clone()));
     let tunnel = Prepared::new(stream, early, limits, guards, meter);
-    let task = async move {
-        let client = match client.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "client left during the upgrade");
-                return;
-            }
-        };
-        tracing::debug!("tunnel open");
-        let outcome = match client_stream(client) {
-            ClientStream::Tcp(tcp, early) => tunnel.run(tcp, early, wave).await,
-            ClientStream::Tls(tls, early) => tunnel.run(tls, early, wave).await,
-            ClientStream::Other(stream) => tunnel.run(stream, Bytes::new(), wave).await,
-        };
-        count_close(&pool.name, &outcome);
-        metrics.connection.record(outcome.duration.as_secs_f64());
-        if let Some(entry) = &access {
-            log_tunnel(entry, &pool, &outcome, outcome.duration);
-        }
-        tracing::debug!(?outcome, "tunnel closed");
-    };
-    // A disabled span (debug logging off) is not carried for the tunnel's life.
-    if span.is_disabled() {
-        shared.tracker.spawn(task);
-    } else {
-        shared.tracker.spawn(task.instrument(span));
-    }
     let mut response = if h2 {
         handshake::h2_accepted(head)
     } else {
@@ -627,7 +727,16 @@ fn start_tunnel(
             .headers_mut()
             .append(http::header::SET_COOKIE, cookie);
     }
-    response
+    let pending = Pending {
+        tunnel,
+        client,
+        pool,
+        metrics,
+        access,
+        wave,
+        span,
+    };
+    (response, Some(pending))
 }
 
 /// The client's side of a tunnel, by kind.
@@ -649,6 +758,20 @@ enum ClientStream {
 fn client_stream(upgraded: hyper::upgrade::Upgraded) -> ClientStream {
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(tcp) => return ClientStream::Tcp(tcp.io.into_inner(), tcp.read_buf),
+        Err(upgraded) => upgraded,
+    };
+    // A connection hyper took over from the direct path: what hyper read from it
+    // comes before what it left unread of the bytes put back.
+    let upgraded = match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(rewound) => {
+            let (tcp, unread) = rewound.io.into_inner().into_parts();
+            let early = if unread.is_empty() {
+                rewound.read_buf
+            } else {
+                [rewound.read_buf, unread].concat().into()
+            };
+            return ClientStream::Tcp(tcp, early);
+        }
         Err(upgraded) => upgraded,
     };
     match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {

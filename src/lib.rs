@@ -36,6 +36,7 @@ pub mod closing;
 pub mod cluster;
 pub mod config;
 pub mod descriptors;
+pub mod direct;
 pub mod discovery;
 pub mod drain;
 pub mod forward;

@@ -148,7 +148,7 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
                 let Some(permit) = permit else { return };
                 let mut stream = stream;
                 if let Some(conn) = admit(&mut stream, peer, &shared, permit, "http").await {
-                    serve_connection(stream, conn, shared).await;
+                    crate::direct::serve(stream, conn, shared).await;
                 }
             }
         },
@@ -205,7 +205,7 @@ async fn admit(
 
 /// Serves one client connection: HTTP/1.1 with upgrades, its head read within
 /// `handshake_timeout` and bounded by `max_header_bytes`.
-async fn serve_connection<I>(stream: I, conn: Conn, shared: Shared)
+pub(crate) async fn serve_connection<I>(stream: I, conn: Conn, shared: Shared)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

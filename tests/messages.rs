@@ -168,7 +168,7 @@ async fn compressed_and_fragmented_frames_cross_byte_for_byte() {
 }
 
 /// A client that sends its first frame in the same write as its upgrade request:
-/// the bytes hyper read past the request head reach the backend, in order.
+/// the bytes read past the request head reach the backend, in order.
 #[tokio::test]
 async fn a_frame_sent_with_the_upgrade_request_is_not_lost() {
     let mut backend = RawBackend::start("").await;
@@ -186,6 +186,59 @@ async fn a_frame_sent_with_the_upgrade_request_is_not_lost() {
     let (mut server, _) = backend.next().await;
     let response = read_head(&mut client).await;
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    client.write_all(&second).await.expect("write");
+    let expected = [first, second].concat();
+    assert_eq!(read_exact(&mut server, expected.len()).await, expected);
+}
+
+/// One connection: a refused upgrade, a plain request and an upgrade, pipelined
+/// in one write with a frame behind them. Each gets its answer in order, and the
+/// frame reaches the backend: the connection goes from wsgate's own upgrade path
+/// to hyper and to a tunnel without losing a byte.
+#[tokio::test]
+async fn requests_pipelined_on_one_connection_are_answered_in_order() {
+    let mut backend = RawBackend::start("").await;
+    let config = format!(
+        "{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&config).await;
+    let key = Some([1, 2, 3, 4]);
+    let first = frame(0x81, b"behind three requests", key);
+    let mut bytes = upgrade_request("/nowhere", "").into_bytes();
+    bytes.extend_from_slice(b"GET /plain HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    bytes.extend_from_slice(upgrade_request("/ws", "").as_bytes());
+    bytes.extend_from_slice(&first);
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    client.write_all(&bytes).await.expect("write");
+    let (mut server, _) = backend.next().await;
+    // Everything up to the end of the 101's head, in at most 5 s.
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !seen
+        .split_once("HTTP/1.1 101")
+        .is_some_and(|(_, after)| after.contains("\r\n\r\n"))
+    {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read(&mut client, &mut buf),
+        )
+        .await
+        .expect("all three answers in time")
+        .expect("read");
+        assert!(n > 0, "closed after {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let statuses: Vec<&str> = seen
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &seen[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["404", "404", "101"], "{seen}");
+    let second = frame(0x82, &[7, 7], key);
     client.write_all(&second).await.expect("write");
     let expected = [first, second].concat();
     assert_eq!(read_exact(&mut server, expected.len()).await, expected);

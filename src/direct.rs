@@ -1,0 +1,385 @@
+//! Plain HTTP/1.1 WebSocket upgrades without hyper: the request head read into
+//! one buffer and parsed with `httparse`, the answer written in one write, and
+//! the tunnel run in the connection's own task. Anything else, and anything in
+//! doubt, goes to hyper with the bytes already read put back in front of the
+//! stream ([`Rewind`]), so hyper answers it exactly as if it had read them.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{self, Conn, Shared};
+use crate::handshake;
+
+/// Headers an upgrade request may carry on this path; more go to hyper (which
+/// takes up to 100).
+const MAX_HEADERS: usize = 64;
+/// The first read's room: a browser's upgrade request is 400 to 1,500 bytes.
+const FIRST_READ: usize = 2048;
+
+/// Serves one plain-TCP client connection: a WebSocket upgrade here, anything
+/// else through hyper.
+pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) {
+    let (timeout, max_header_bytes) = {
+        let server = &shared.state.load().config.server;
+        (server.handshake_timeout, server.max_header_bytes)
+    };
+    let deadline = Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(FIRST_READ.min(max_header_bytes));
+    let head = read_head(
+        &mut stream,
+        &mut buf,
+        deadline,
+        max_header_bytes,
+        &shared.stopping,
+    )
+    .await;
+    let (req, head_len) = match head {
+        Err(NotOurs::Gone) => return,
+        Err(NotOurs::Other) => return hyper_serves(stream, buf.freeze(), conn, shared).await,
+        Ok(upgrade) => upgrade,
+    };
+    // What the client sent behind its request, in an allocation of its own: the
+    // head's buffer is not kept for the tunnel's life.
+    let rest = Bytes::copy_from_slice(&buf[head_len..]);
+    drop(buf);
+    let peer = conn.peer.client;
+    let (response, pending) = handler::upgrade_direct(req, conn.clone(), shared.clone()).await;
+    let close = pending.is_none() && closes(&response);
+    let written = write_response(&mut stream, response, timeout).await;
+    if let Err(e) = written {
+        tracing::debug!(%peer, error = %e, "client left before its answer was written");
+        return;
+    }
+    match pending {
+        Some(pending) => pending.run(stream, rest).await,
+        None if close => {
+            let _ = stream.shutdown().await;
+        }
+        // Keep-alive after a refusal: hyper serves what follows.
+        None => hyper_serves(stream, rest, conn, shared).await,
+    }
+}
+
+/// Why the connection's first request is not a WebSocket upgrade this path
+/// answers.
+enum NotOurs {
+    /// Anything else (or anything in doubt, a head too big included): hyper's.
+    Other,
+    /// Closed, timed out, or wsgate stopping before a byte came.
+    Gone,
+}
+
+/// Reads until the request head is complete, within `deadline` and
+/// `max_header_bytes`: the upgrade request and its head's length.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    max_header_bytes: usize,
+    stopping: &CancellationToken,
+) -> Result<(Request<()>, usize), NotOurs> {
+    use tokio::io::AsyncReadExt;
+    // Bounded: every pass reads at least one byte of at most max_header_bytes,
+    // and the deadline ends it.
+    loop {
+        if buf.len() >= max_header_bytes {
+            return Err(NotOurs::Other);
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve((buf.len() * 2).min(max_header_bytes) - buf.len());
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => read,
+            // Stopping: an idle connection closes; one mid-request finishes it.
+            _ = stopping.cancelled(), if buf.is_empty() => return Err(NotOurs::Gone),
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(NotOurs::Gone),
+            Ok(Ok(_)) => {}
+        }
+        if let Some(upgrade) = parse(buf)? {
+            return Ok(upgrade);
+        }
+    }
+}
+
+/// The request in `buf`, if it is whole and a WebSocket upgrade this path takes:
+/// a `GET` over HTTP/1.1 asking for `websocket`, without a body, with every
+/// part valid as hyper would read it. `None`: not whole yet.
+fn parse(buf: &[u8]) -> Result<Option<(Request<()>, usize)>, NotOurs> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(NotOurs::Other),
+    };
+    if parsed.method != Some("GET") || parsed.version != Some(1) {
+        return Err(NotOurs::Other);
+    }
+    let Some(uri) = parsed.path.and_then(|p| http::Uri::try_from(p).ok()) else {
+        return Err(NotOurs::Other);
+    };
+    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Err(NotOurs::Other);
+        };
+        // A body (or a claim of one) is hyper's to read and refuse.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            return Err(NotOurs::Other);
+        }
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = map;
+    if !handshake::is_upgrade(&req) {
+        return Err(NotOurs::Other);
+    }
+    Ok(Some((req, len)))
+}
+
+/// Whether the connection ends with this answer (`Connection: close`).
+fn closes(response: &Response<Full<Bytes>>) -> bool {
+    response
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        })
+}
+
+/// Writes `response` in one write, within `timeout` (a client that never reads
+/// cannot hold the connection's task).
+async fn write_response(
+    stream: &mut TcpStream,
+    response: Response<Full<Bytes>>,
+    timeout: Duration,
+) -> io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let bytes = encode(&parts, &body);
+    match tokio::time::timeout(timeout, stream.write_all(&bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The response as HTTP/1.1 puts it on the wire: a 101 as it is, anything else
+/// with its `Content-Length` and a `Date`, as hyper writes them.
+fn encode(parts: &http::response::Parts, body: &[u8]) -> Vec<u8> {
+    let status = parts.status;
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+            out.put_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        }
+        if !parts.headers.contains_key(http::header::DATE) {
+            out.put_slice(b"date: ");
+            out.put_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+            out.put_slice(b"\r\n");
+        }
+    }
+    out.put_slice(b"\r\n");
+    out.put_slice(body);
+    out
+}
+
+/// hyper serves the connection from here, reading `prefix` first. Boxed: the
+/// connection's task does not carry hyper's connection in its size while it
+/// relays.
+async fn hyper_serves(stream: TcpStream, prefix: Bytes, conn: Conn, shared: Shared) {
+    Box::pin(crate::server::serve_connection(
+        Rewind::new(prefix, stream),
+        conn,
+        shared,
+    ))
+    .await
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    pub fn new(prefix: Bytes, inner: I) -> Rewind<I> {
+        Rewind { prefix, inner }
+    }
+
+    /// The stream and what of the prefix is still unread.
+    pub fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let taken = self.prefix.split_to(n);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(extra: &str) -> String {
+        format!(
+            "GET /ws?x=1 HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn a_whole_upgrade_is_taken_with_its_length() {
+        let text = upgrade("");
+        let mut bytes = text.clone().into_bytes();
+        bytes.extend_from_slice(b"\x81\x80early");
+        match parse(&bytes) {
+            Ok(Some((req, len))) => {
+                assert_eq!(len, text.len());
+                assert_eq!(req.uri().path(), "/ws");
+                assert_eq!(req.uri().query(), Some("x=1"));
+                assert_eq!(req.headers()["host"], "a.example");
+                assert_eq!(req.version(), Version::HTTP_11);
+            }
+            _ => panic!("not taken"),
+        }
+    }
+
+    #[test]
+    fn a_head_cut_short_waits_for_more() {
+        let text = upgrade("");
+        for cut in [1, 10, text.len() - 2] {
+            assert!(matches!(parse(&text.as_bytes()[..cut]), Ok(None)), "{cut}");
+        }
+    }
+
+    #[test]
+    fn anything_else_goes_to_hyper() {
+        let others = [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+            upgrade("").replacen("GET", "POST", 1),
+            upgrade("").replacen("HTTP/1.1", "HTTP/1.0", 1),
+            upgrade("Content-Length: 0\r\n"),
+            upgrade("Transfer-Encoding: chunked\r\n"),
+            upgrade("").replacen("websocket", "h2c", 1),
+            upgrade("Bad Header: x\r\n"),
+            upgrade("X: \x01\r\n"),
+            upgrade(&(0..70).map(|i| format!("X-{i}: y\r\n")).collect::<String>()),
+        ];
+        for other in others {
+            assert!(
+                matches!(parse(other.as_bytes()), Err(NotOurs::Other)),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_carry_length_and_date_and_a_101_neither() {
+        let refusal = handshake::plain(StatusCode::NOT_FOUND, "no route");
+        let (parts, _) = refusal.into_parts();
+        let text = String::from_utf8(encode(&parts, b"no route\n")).expect("utf-8");
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+        assert!(text.contains("content-length: 9\r\n"), "{text}");
+        assert!(text.contains("\r\ndate: "), "{text}");
+        assert!(text.ends_with("\r\n\r\nno route\n"), "{text}");
+        let mut switching = Response::new(());
+        *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        switching
+            .headers_mut()
+            .insert("upgrade", HeaderValue::from_static("websocket"));
+        let (parts, _) = switching.into_parts();
+        let text = String::from_utf8(encode(&parts, b"")).expect("utf-8");
+        assert_eq!(
+            text,
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_its_prefix_first() {
+        use tokio::io::AsyncReadExt;
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.expect("write");
+        drop(a);
+        let mut rewind = Rewind::new(Bytes::from_static(b"hello"), b);
+        let mut all = String::new();
+        rewind.read_to_string(&mut all).await.expect("read");
+        assert_eq!(all, "hello world");
+    }
+}
