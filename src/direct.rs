@@ -4,6 +4,7 @@
 //! doubt, goes to hyper with the bytes already read put back in front of the
 //! stream ([`Rewind`]), so hyper answers it exactly as if it had read them.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -26,9 +27,25 @@ const MAX_HEADERS: usize = 64;
 /// The first read's room: a browser's upgrade request is 400 to 1,500 bytes.
 const FIRST_READ: usize = 2048;
 
-/// Serves one plain-TCP client connection: a WebSocket upgrade here, anything
-/// else through hyper.
-pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) {
+/// A tunnel ready to run on the client's connection, its 101 written.
+pub struct Tunnel {
+    stream: TcpStream,
+    /// What the client sent behind its upgrade request.
+    early: Bytes,
+    pending: handler::Pending,
+}
+
+impl Tunnel {
+    /// Relays until the tunnel ends.
+    pub fn run(self) -> impl Future<Output = ()> + Send {
+        self.pending.run(self.stream, self.early)
+    }
+}
+
+/// Answers one plain-TCP client connection: a WebSocket upgrade here (the
+/// tunnel to run once its 101 is written), anything else through hyper (`None`
+/// once hyper is done with the connection).
+pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) -> Option<Tunnel> {
     let (timeout, max_header_bytes) = {
         let server = &shared.state.load().config.server;
         (server.handshake_timeout, server.max_header_bytes)
@@ -43,30 +60,49 @@ pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) {
         &shared.stopping,
     )
     .await;
-    let (req, head_len) = match head {
-        Err(NotOurs::Gone) => return,
-        Err(NotOurs::Other) => return hyper_serves(stream, buf.freeze(), conn, shared).await,
+    let read = match head {
+        Err(NotOurs::Gone) => return None,
+        Err(NotOurs::Other) => {
+            hyper_serves(stream, buf.freeze(), conn, shared).await;
+            return None;
+        }
+        Ok(read) => read,
+    };
+    // The request's path and header values are slices of `read`.
+    let (req, head_len) = match parse(&read) {
         Ok(upgrade) => upgrade,
+        Err(_) => {
+            hyper_serves(stream, read, conn, shared).await;
+            return None;
+        }
     };
     // What the client sent behind its request, in an allocation of its own: the
     // head's buffer is not kept for the tunnel's life.
-    let rest = Bytes::copy_from_slice(&buf[head_len..]);
-    drop(buf);
+    let early = Bytes::copy_from_slice(&read[head_len..]);
+    drop((read, buf));
     let peer = conn.peer.client;
     let (response, pending) = handler::upgrade_direct(req, conn.clone(), shared.clone()).await;
     let close = pending.is_none() && closes(&response);
     let written = write_response(&mut stream, response, timeout).await;
     if let Err(e) = written {
         tracing::debug!(%peer, error = %e, "client left before its answer was written");
-        return;
+        return None;
     }
     match pending {
-        Some(pending) => pending.run(stream, rest).await,
+        Some(pending) => Some(Tunnel {
+            stream,
+            early,
+            pending,
+        }),
         None if close => {
             let _ = stream.shutdown().await;
+            None
         }
         // Keep-alive after a refusal: hyper serves what follows.
-        None => hyper_serves(stream, rest, conn, shared).await,
+        None => {
+            hyper_serves(stream, early, conn, shared).await;
+            None
+        }
     }
 }
 
@@ -80,14 +116,14 @@ enum NotOurs {
 }
 
 /// Reads until the request head is complete, within `deadline` and
-/// `max_header_bytes`: the upgrade request and its head's length.
+/// `max_header_bytes`: everything read so far, the head at its start.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
     max_header_bytes: usize,
     stopping: &CancellationToken,
-) -> Result<(Request<()>, usize), NotOurs> {
+) -> Result<Bytes, NotOurs> {
     use tokio::io::AsyncReadExt;
     // Bounded: every pass reads at least one byte of at most max_header_bytes,
     // and the deadline ends it.
@@ -107,34 +143,44 @@ async fn read_head(
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(NotOurs::Gone),
             Ok(Ok(_)) => {}
         }
-        if let Some(upgrade) = parse(buf)? {
-            return Ok(upgrade);
+        if whole(buf)? {
+            return Ok(buf.split().freeze());
         }
     }
 }
 
-/// The request in `buf`, if it is whole and a WebSocket upgrade this path takes:
-/// a `GET` over HTTP/1.1 asking for `websocket`, without a body, with every
-/// part valid as hyper would read it. `None`: not whole yet.
-fn parse(buf: &[u8]) -> Result<Option<(Request<()>, usize)>, NotOurs> {
+/// Whether `buf` holds a whole request head (an error: one hyper must answer).
+fn whole(buf: &[u8]) -> Result<bool, NotOurs> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(status) => Ok(status.is_complete()),
+        Err(_) => Err(NotOurs::Other),
+    }
+}
+
+/// The whole request head at the start of `buf`, if it is a WebSocket upgrade
+/// this path takes: a `GET` over HTTP/1.1 asking for `websocket`, without a
+/// body, with every part valid as hyper would read it; and the head's length.
+/// Its path and header values are slices of `buf`, as hyper's are of its buffer.
+fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(NotOurs::Other),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(NotOurs::Other),
     };
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return Err(NotOurs::Other);
     }
-    let Some(uri) = parsed.path.and_then(|p| http::Uri::try_from(p).ok()) else {
+    let path = parsed.path.map(|p| buf.slice_ref(p.as_bytes()));
+    let Some(uri) = path.and_then(|p| http::Uri::from_maybe_shared(p).ok()) else {
         return Err(NotOurs::Other);
     };
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
+            HeaderValue::from_maybe_shared(buf.slice_ref(h.value)),
         ) else {
             return Err(NotOurs::Other);
         };
@@ -151,7 +197,7 @@ fn parse(buf: &[u8]) -> Result<Option<(Request<()>, usize)>, NotOurs> {
     if !handshake::is_upgrade(&req) {
         return Err(NotOurs::Other);
     }
-    Ok(Some((req, len)))
+    Ok((req, len))
 }
 
 /// Whether the connection ends with this answer (`Connection: close`).
@@ -308,8 +354,9 @@ mod tests {
         let text = upgrade("");
         let mut bytes = text.clone().into_bytes();
         bytes.extend_from_slice(b"\x81\x80early");
-        match parse(&bytes) {
-            Ok(Some((req, len))) => {
+        assert_eq!(whole(&bytes).ok(), Some(true));
+        match parse(&Bytes::from(bytes)) {
+            Ok((req, len)) => {
                 assert_eq!(len, text.len());
                 assert_eq!(req.uri().path(), "/ws");
                 assert_eq!(req.uri().query(), Some("x=1"));
@@ -324,7 +371,7 @@ mod tests {
     fn a_head_cut_short_waits_for_more() {
         let text = upgrade("");
         for cut in [1, 10, text.len() - 2] {
-            assert!(matches!(parse(&text.as_bytes()[..cut]), Ok(None)), "{cut}");
+            assert_eq!(whole(&text.as_bytes()[..cut]).ok(), Some(false), "{cut}");
         }
     }
 
@@ -343,7 +390,7 @@ mod tests {
         ];
         for other in others {
             assert!(
-                matches!(parse(other.as_bytes()), Err(NotOurs::Other)),
+                matches!(parse(&Bytes::from(other.clone())), Err(NotOurs::Other)),
                 "{other:?}"
             );
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::Request;
 use http_body_util::Full;
 use hyper::Response;
@@ -601,8 +602,10 @@ impl Pending {
     }
 
     /// Relays in the caller's task, the 101 written: `client` is the plain TCP
-    /// stream the upgrade came on, `early` what the client sent behind it.
-    pub async fn run(self, client: TcpStream, early: Bytes) {
+    /// stream the upgrade came on, `early` what the client sent behind it. Built
+    /// here, not in an `async fn`, so the caller's task holds the relay's state
+    /// once, not beside a copy of its arguments.
+    pub fn run(self, client: TcpStream, early: Bytes) -> impl Future<Output = ()> + Send {
         let Pending {
             tunnel,
             pool,
@@ -612,18 +615,12 @@ impl Pending {
             span,
             ..
         } = self;
-        let relayed = relay(
-            tunnel,
-            ClientStream::Tcp(client, early),
-            pool,
-            metrics,
-            access,
-            wave,
-        );
+        let client = ClientStream::Tcp(client, early);
+        let relaying = relay(tunnel, client, pool, metrics, access, wave);
         if span.is_disabled() {
-            relayed.await
+            Either::Left(relaying)
         } else {
-            relayed.instrument(span).await
+            Either::Right(relaying.instrument(span))
         }
     }
 }

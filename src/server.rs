@@ -142,18 +142,29 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
         stop,
         "proxy",
         move |stream, peer, permit| {
-            let shared = shared.clone();
+            // Everything before the tunnel, boxed and freed before the tunnel
+            // runs: the connection's task carries only the tunnel for its life.
+            let answering = Box::pin(answer_plain(stream, peer, permit, shared.clone()));
             async move {
-                nodelay(&stream, peer);
-                let Some(permit) = permit else { return };
-                let mut stream = stream;
-                if let Some(conn) = admit(&mut stream, peer, &shared, permit, "http").await {
-                    crate::direct::serve(stream, conn, shared).await;
-                }
+                // Awaited as made (no local kept beside it across the await).
+                let relaying = answering.await.map(crate::direct::Tunnel::run);
+                futures_util::future::OptionFuture::from(relaying).await;
             }
         },
     )
     .await
+}
+
+/// A plain-TCP client connection up to its tunnel, if it gets one.
+async fn answer_plain(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Shared,
+) -> Option<crate::direct::Tunnel> {
+    nodelay(&stream, peer);
+    let conn = admit(&mut stream, peer, &shared, permit?, "http").await?;
+    crate::direct::serve(stream, conn, shared).await
 }
 
 /// Who a new client connection is and what it may hold: the PROXY protocol
@@ -177,7 +188,8 @@ async fn admit(
     let mut peer = Peer::direct(addr, settings);
     if settings.proxy_protocol && peer.trusted {
         let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
-        match clients::read_proxy_header(stream, deadline).await {
+        // Boxed: its buffer would otherwise be part of every connection's task.
+        match Box::pin(clients::read_proxy_header(stream, deadline)).await {
             Ok(Some(client)) => peer = Peer::direct(client, settings),
             Ok(None) => {}
             Err(e) => {
