@@ -441,6 +441,7 @@ impl Gateway {
         background.spawn(health::run(self.state.clone(), stop_background.clone()));
         background.spawn(drain::run(self.state.clone(), stop_background.clone()));
         background.spawn(discovery::run(self.state.clone(), stop_background.clone()));
+        background.spawn(metrics::upkeep(stop_background.clone()));
         // Certificate files replaced on disk are served to new handshakes.
         let certificate_files: Vec<std::path::PathBuf> = config
             .tls
