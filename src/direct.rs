@@ -418,6 +418,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any bytes, whole or cut anywhere: never a panic, and a head taken
+        /// here is taken with the same length once more bytes follow it.
+        #[test]
+        fn any_bytes_cut_anywhere_are_taken_or_left_alike(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cut in 0usize..2_000,
+            behind in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let _ = whole(&junk);
+            let _ = parse(&Bytes::from(junk));
+            let text = upgrade("X-Extra: 1\r\n");
+            let cut = cut.min(text.len());
+            let head = &text.as_bytes()[..cut];
+            proptest::prop_assert_eq!(whole(head).ok(), Some(cut == text.len()));
+            let mut more = text.clone().into_bytes();
+            more.extend_from_slice(&behind);
+            let taken = parse(&Bytes::from(more)).ok().map(|(_, len)| len);
+            proptest::prop_assert_eq!(taken, Some(text.len()));
+        }
+    }
+
     #[tokio::test]
     async fn rewind_reads_its_prefix_first() {
         use tokio::io::AsyncReadExt;
