@@ -81,8 +81,10 @@ pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) -> Option<
     let early = Bytes::copy_from_slice(&read[head_len..]);
     drop((read, buf));
     let peer = conn.peer.client;
+    // A refusal ends the connection when either side says `Connection: close`.
+    let client_closes = closes(req.headers());
     let (response, pending) = handler::upgrade_direct(req, conn.clone(), shared.clone()).await;
-    let close = pending.is_none() && closes(&response);
+    let close = pending.is_none() && (client_closes || closes(response.headers()));
     let written = write_response(&mut stream, response, timeout).await;
     if let Err(e) = written {
         tracing::debug!(%peer, error = %e, "client left before its answer was written");
@@ -200,16 +202,12 @@ fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
     Ok((req, len))
 }
 
-/// Whether the connection ends with this answer (`Connection: close`).
-fn closes(response: &Response<Full<Bytes>>) -> bool {
-    response
-        .headers()
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-        })
+/// Whether a message ends its connection (`Connection: close`).
+fn closes(headers: &HeaderMap) -> bool {
+    headers.get_all(http::header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    })
 }
 
 /// Writes `response` in one write, within `timeout` (a client that never reads

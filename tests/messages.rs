@@ -243,3 +243,37 @@ async fn requests_pipelined_on_one_connection_are_answered_in_order() {
     let expected = [first, second].concat();
     assert_eq!(read_exact(&mut server, expected.len()).await, expected);
 }
+
+/// A refused upgrade whose request says `Connection: close` ends the connection
+/// once the answer is written; the same refusal without it leaves the connection
+/// open for the next request.
+#[tokio::test]
+async fn a_refused_upgrade_closes_the_connection_only_when_asked() {
+    let backend = RawBackend::start("").await;
+    let config = format!(
+        "{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&config).await;
+    for (connection, closed) in [("Upgrade, close", true), ("Upgrade", false)] {
+        let request = upgrade_request("/nowhere", "")
+            .replace("Connection: Upgrade", &format!("Connection: {connection}"));
+        let mut client = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        client.write_all(request.as_bytes()).await.expect("write");
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        // What is left: the body, then EOF if the connection was closed (waited
+        // for generously; an open one is given a short while to show no EOF).
+        let wait = Duration::from_millis(if closed { 5_000 } else { 300 });
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            wait,
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest),
+        )
+        .await;
+        assert_eq!(read.is_ok(), closed, "{connection}: {read:?}");
+    }
+}
