@@ -245,8 +245,13 @@ fn encode(parts: &http::response::Parts, body: &[u8]) -> Vec<u8> {
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
+    // No length for the statuses that never have a body (a backend's 204 or 304
+    // passed on), as hyper writes them.
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
             out.put_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
         }
         if !parts.headers.contains_key(http::header::DATE) {
@@ -256,7 +261,9 @@ fn encode(parts: &http::response::Parts, body: &[u8]) -> Vec<u8> {
         }
     }
     out.put_slice(b"\r\n");
-    out.put_slice(body);
+    if !bodiless {
+        out.put_slice(body);
+    }
     out
 }
 
@@ -395,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn refusals_carry_length_and_date_and_a_101_neither() {
+    fn refusals_carry_length_and_date_a_204_no_length_and_a_101_neither() {
         let refusal = handshake::plain(StatusCode::NOT_FOUND, "no route");
         let (parts, _) = refusal.into_parts();
         let text = String::from_utf8(encode(&parts, b"no route\n")).expect("utf-8");
@@ -403,6 +410,10 @@ mod tests {
         assert!(text.contains("content-length: 9\r\n"), "{text}");
         assert!(text.contains("\r\ndate: "), "{text}");
         assert!(text.ends_with("\r\n\r\nno route\n"), "{text}");
+        let (parts, _) = handshake::plain(StatusCode::NO_CONTENT, "").into_parts();
+        let text = String::from_utf8(encode(&parts, b"\n")).expect("utf-8");
+        assert!(!text.contains("content-length"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
         let mut switching = Response::new(());
         *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         switching
