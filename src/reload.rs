@@ -45,67 +45,26 @@ impl Summary {
             parts.push(format!("listeners {}", [added, removed].concat().join(" ")));
         }
         let (o, n) = (&old.server, &new.server);
-        let server: [(&str, String, String); 12] = [
-            (
-                "max_connections_per_ip",
-                format!("{:?}", o.max_connections_per_ip),
-                format!("{:?}", n.max_connections_per_ip),
-            ),
-            (
-                "max_upgrades_per_ip",
-                format!("{:?}", o.max_upgrades_per_ip),
-                format!("{:?}", n.max_upgrades_per_ip),
-            ),
-            (
-                "trusted_proxies",
-                format!("{:?}", o.trusted_proxies),
-                format!("{:?}", n.trusted_proxies),
-            ),
-            (
-                "proxy_protocol",
-                o.proxy_protocol.to_string(),
-                n.proxy_protocol.to_string(),
-            ),
-            (
-                "strict_frames",
-                o.strict_frames.to_string(),
-                n.strict_frames.to_string(),
-            ),
-            (
-                "max_connections",
-                o.max_connections.to_string(),
-                n.max_connections.to_string(),
-            ),
-            (
-                "handshake_timeout",
-                format!("{:?}", o.handshake_timeout),
-                format!("{:?}", n.handshake_timeout),
-            ),
-            (
-                "max_header_bytes",
-                o.max_header_bytes.to_string(),
-                n.max_header_bytes.to_string(),
-            ),
-            (
-                "watch_config",
-                o.watch_config.to_string(),
-                n.watch_config.to_string(),
-            ),
-            (
-                "shutdown_delay",
-                format!("{:?}", o.shutdown_delay),
-                format!("{:?}", n.shutdown_delay),
-            ),
-            (
-                "shutdown_spread",
-                format!("{:?}", o.shutdown_spread),
-                format!("{:?}", n.shutdown_spread),
-            ),
-            (
-                "shutdown_timeout",
-                format!("{:?}", o.shutdown_timeout),
-                format!("{:?}", n.shutdown_timeout),
-            ),
+        // One row per key: its name, before, after (Debug prints numbers and
+        // booleans as Display does, durations and lists readably).
+        macro_rules! rows {
+            ($($key:ident),* $(,)?) => {
+                [$((stringify!($key), format!("{:?}", o.$key), format!("{:?}", n.$key))),*]
+            };
+        }
+        let server = rows![
+            max_connections_per_ip,
+            max_upgrades_per_ip,
+            trusted_proxies,
+            proxy_protocol,
+            strict_frames,
+            max_connections,
+            handshake_timeout,
+            max_header_bytes,
+            watch_config,
+            shutdown_delay,
+            shutdown_spread,
+            shutdown_timeout,
         ];
         for (key, before, after) in server {
             if before != after {
