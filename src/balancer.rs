@@ -124,6 +124,26 @@ pub const BURST_MEMORY_MS: u64 = 100;
 const BURST_BUCKET_MS: u64 = 5;
 const BURST_BUCKETS: usize = (BURST_MEMORY_MS / BURST_BUCKET_MS) as usize;
 
+/// Of `buckets` (bucket number, picks in it), the picks made after `since` (ms):
+/// every bucket after the one `since` falls in, and of that one the part after
+/// `since` (its picks taken as spread evenly), so that picks a peer's
+/// announcement already answered are not mirrored again. Rounded to nearest.
+fn picks_since(since: u64, buckets: impl Iterator<Item = (u64, u32)>) -> u64 {
+    let first = since / BURST_BUCKET_MS;
+    let part = (first + 1) * BURST_BUCKET_MS - since;
+    let scaled: u64 = buckets
+        .map(|(bucket, picks)| {
+            let picks = u64::from(picks);
+            match bucket.cmp(&first) {
+                std::cmp::Ordering::Greater => picks * BURST_BUCKET_MS,
+                std::cmp::Ordering::Equal => picks * part,
+                std::cmp::Ordering::Less => 0,
+            }
+        })
+        .sum();
+    (scaled + BURST_BUCKET_MS / 2) / BURST_BUCKET_MS
+}
+
 /// Milliseconds since the Unix epoch (comparable with other instances' clocks).
 fn epoch_ms() -> u64 {
     std::time::SystemTime::now()
@@ -492,14 +512,13 @@ impl Backend {
             if until == u64::MAX {
                 continue;
             }
-            let first = until.max(oldest) / BURST_BUCKET_MS;
-            let recent: u64 = self
-                .recent_bucket
-                .iter()
-                .zip(&self.recent_picks)
-                .filter(|(b, _)| b.load(Ordering::Relaxed) >= first)
-                .map(|(_, n)| u64::from(n.load(Ordering::Relaxed)))
-                .sum();
+            let recent = picks_since(
+                until.max(oldest),
+                self.recent_bucket
+                    .iter()
+                    .zip(&self.recent_picks)
+                    .map(|(b, n)| (b.load(Ordering::Relaxed), n.load(Ordering::Relaxed))),
+            );
             // The last slot stands for every instance beyond the others.
             let times = if slot + 1 == PEER_SLOTS {
                 others.saturating_sub(PEER_SLOTS as u64 - 1).max(1)
@@ -965,6 +984,19 @@ mod tests {
             loads[0].abs_diff(38) <= 1 && loads[1].abs_diff(77) <= 1 && loads[2].abs_diff(115) <= 1,
             "{loads:?}"
         );
+    }
+
+    #[test]
+    fn only_picks_after_an_announcement_are_mirrored() {
+        // Buckets 200 (10 picks, ms 1000-1004), 201 (4), 199 (7, before).
+        let buckets = [(199, 7), (200, 10), (201, 4)];
+        // Heard at ms 1003: 2 of bucket 200's 5 ms are after it.
+        assert_eq!(picks_since(1003, buckets.into_iter()), 4 + 4);
+        assert_eq!(picks_since(1000, buckets.into_iter()), 10 + 4);
+        assert_eq!(picks_since(1004, buckets.into_iter()), 2 + 4);
+        assert_eq!(picks_since(1005, buckets.into_iter()), 4);
+        assert_eq!(picks_since(1010, buckets.into_iter()), 0);
+        assert_eq!(picks_since(990, buckets.into_iter()), 21);
     }
 
     #[test]
