@@ -236,9 +236,24 @@ async fn attempt_one(
     addresses: Option<(SocketAddr, SocketAddr)>,
 ) -> Result<Answer, UpstreamError> {
     let settings = &pool.settings;
+    let (wire, offer) = request;
+    let tls = pool.tls.as_ref().zip(settings.tls.as_ref());
+    // First, before TLS: who the client is, as the backend asked (UNKNOWN/LOCAL in
+    // the rare connection accepted before a reload turned this on, whose local
+    // address was not read).
+    let header = settings
+        .proxy_protocol
+        .map(|version| crate::clients::proxy_header(version, addresses));
+    // What goes first on the connection, sent with the connect when it can be.
+    let first: &[u8] = match (&header, tls) {
+        (Some(header), _) => header,
+        (None, Some(_)) => &[],
+        (None, None) => wire,
+    };
     let addr = || guard.backend().addr.clone();
-    let stream = match timeout(settings.connect_timeout, connect(&guard.backend().addr)).await {
-        Ok(Ok(stream)) => stream,
+    let connecting = connect_sending(&guard.backend().addr, first);
+    let (stream, sent) = match timeout(settings.connect_timeout, connecting).await {
+        Ok(Ok(connected)) => connected,
         Ok(Err(source)) if crate::descriptors::exhausted(&source) => {
             crate::descriptors::note("connect", &source);
             return Err(UpstreamError::OutOfDescriptors);
@@ -255,20 +270,20 @@ async fn attempt_one(
     let shaken =
         async {
             let mut stream = stream;
-            if let Some(version) = settings.proxy_protocol {
-                // First, before TLS: who the client is, as the backend asked
-                // (UNKNOWN/LOCAL in the rare connection accepted before a reload
-                // turned this on, whose local address was not read).
-                let header = crate::clients::proxy_header(version, addresses);
-                tokio::io::AsyncWriteExt::write_all(&mut stream, &header)
-                    .await
-                    .map_err(|source| UpstreamError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?;
-            }
-            match (&pool.tls, &settings.tls) {
-                (Some(client), Some(tls)) => {
+            let wire = match &header {
+                Some(header) => {
+                    tokio::io::AsyncWriteExt::write_all(&mut stream, &header[sent..])
+                        .await
+                        .map_err(|source| UpstreamError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                    wire
+                }
+                None => &wire[sent..],
+            };
+            match tls {
+                Some((client, tls)) => {
                     let host = match &addr {
                         BackendAddr::Ip(a) => a.ip().to_string(),
                         BackendAddr::Name { host, .. } => host.clone(),
@@ -286,9 +301,9 @@ async fn attempt_one(
                             source,
                         }
                     })?;
-                    handshake(stream, request, index, guard).await
+                    handshake(stream, (wire, offer), index, guard).await
                 }
-                _ => handshake(stream, request, index, guard).await,
+                None => handshake(stream, (wire, offer), index, guard).await,
             }
         };
     timeout(settings.handshake_timeout, shaken)
@@ -321,6 +336,47 @@ pub async fn connect(addr: &BackendAddr) -> io::Result<TcpStream> {
     };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Opens a TCP connection to a backend and sends what it can of `first` at once,
+/// written on the socket before the event loop has reported it connected: a
+/// connection that completes at once (a backend on this host or near it) costs
+/// no wait for writability and no look at the socket's connect error (a failed
+/// connect fails that write with the same error). Otherwise it waits for the
+/// connect as [`TcpStream::connect`] does, and sends nothing. Returns the stream
+/// and how many bytes of `first` went.
+async fn connect_sending(addr: &BackendAddr, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    let BackendAddr::Ip(addr) = addr else {
+        return Ok((connect(addr).await?, 0));
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(*addr),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&(*addr).into()) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
+        _ => {}
+    }
+    let socket = std::net::TcpStream::from(socket);
+    let sent = match first {
+        [] => 0,
+        first => match std::io::Write::write(&mut &socket, first) {
+            Ok(n) => n,
+            // Still connecting.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        },
+    };
+    let stream = TcpStream::from_std(socket)?;
+    if sent == 0 {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok((stream, sent))
 }
 
 /// Sends the upgrade request over `stream` and reads the answer, directly: one
@@ -541,6 +597,57 @@ mod tests {
         assert_eq!(&answer[len..], b"\x81\x02hi");
         assert!(parse_head(b"HTTP/1.0 101 OK\r\n\r\n").is_err());
         assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connect_sends_its_first_bytes_at_once_or_waits_and_sends_nothing() {
+        use tokio::io::AsyncReadExt;
+        use tokio::time::Duration;
+        // Completes at once: the bytes went with it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = BackendAddr::Ip(listener.local_addr().expect("addr"));
+        let (_stream, sent) = connect_sending(&addr, b"GET / HTTP/1.1\r\n")
+            .await
+            .expect("connected");
+        assert_eq!(sent, 16);
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        let mut got = [0u8; 16];
+        accepted.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+        // Refused: the connect's own error.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let refused = connect_sending(&BackendAddr::Ip(closed), b"x").await;
+        assert_eq!(
+            refused.map(|_| ()).map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionRefused)
+        );
+        // Not completed at once (a full accept queue drops the SYN): waited for
+        // until it is, with nothing sent.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        socket.bind(&any.into()).expect("bind");
+        socket.listen(0).expect("listen");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let full = tokio::net::TcpListener::from_std(socket.into()).expect("listener");
+        let at = full.local_addr().expect("addr");
+        let _queued = std::net::TcpStream::connect(at).expect("queued");
+        let at = BackendAddr::Ip(at);
+        let connecting = connect_sending(&at, b"GET");
+        tokio::pin!(connecting);
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut connecting).await;
+        assert!(early.is_err(), "connected through a full queue?");
+        let _first = full.accept().await.expect("accept");
+        let (_stream, sent) = tokio::time::timeout(Duration::from_secs(20), connecting)
+            .await
+            .expect("connected once the queue had room")
+            .expect("connected");
+        assert_eq!(sent, 0);
     }
 
     async fn body_of(answer: &'static [u8]) -> Option<Bytes> {
