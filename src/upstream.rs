@@ -267,23 +267,25 @@ async fn attempt_one(
         Err(_) => return Err(UpstreamError::ConnectTimeout { addr: addr() }),
     };
     let addr = addr();
-    let shaken =
-        async {
-            let mut stream = stream;
-            let wire = match &header {
-                Some(header) => {
-                    tokio::io::AsyncWriteExt::write_all(&mut stream, &header[sent..])
-                        .await
-                        .map_err(|source| UpstreamError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
-                    wire
-                }
-                None => &wire[sent..],
-            };
-            match tls {
-                Some((client, tls)) => {
+    let shaken = async {
+        let mut stream = stream;
+        let wire = match &header {
+            Some(header) => {
+                tokio::io::AsyncWriteExt::write_all(&mut stream, &header[sent..])
+                    .await
+                    .map_err(|source| UpstreamError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                wire
+            }
+            None => &wire[sent..],
+        };
+        match tls {
+            // Boxed: a TLS handshake's state would make every upgrade's
+            // future, the plain ones included, kilobytes larger.
+            Some((client, tls)) => {
+                Box::pin(async {
                     let host = match &addr {
                         BackendAddr::Ip(a) => a.ip().to_string(),
                         BackendAddr::Name { host, .. } => host.clone(),
@@ -302,10 +304,12 @@ async fn attempt_one(
                         }
                     })?;
                     handshake(stream, (wire, offer), index, guard).await
-                }
-                None => handshake(stream, (wire, offer), index, guard).await,
+                })
+                .await
             }
-        };
+            None => handshake(stream, (wire, offer), index, guard).await,
+        }
+    };
     timeout(settings.handshake_timeout, shaken)
         .await
         .unwrap_or(Err(UpstreamError::HandshakeTimeout { addr }))
