@@ -144,7 +144,7 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
         move |stream, peer, permit| {
             // Everything before the tunnel, boxed and freed before the tunnel
             // runs: the connection's task carries only the tunnel for its life.
-            let answering = Box::pin(answer_plain(stream, peer, permit, shared.clone()));
+            let answering = crate::made_boxed(answer_plain(stream, peer, permit, shared.clone()));
             async move {
                 // Awaited as made (no local kept beside it across the await).
                 let relaying = answering.await.map(crate::direct::Tunnel::run);
