@@ -170,13 +170,6 @@ pub trait RelayIo: Send + 'static {
     }
     /// Ends this side's sending (FIN). An error means the peer is gone already.
     fn shutdown_write(&mut self) -> io::Result<()>;
-    /// The event loop has seen the peer's FIN (or reset): a read would return what
-    /// is left before it, then EOF. Asked only once the sender's close frame has
-    /// passed whole, when nothing may follow it, to take its EOF without the read
-    /// that returns 0. False when the stream cannot tell.
-    fn fin_seen(&self) -> bool {
-        false
-    }
 }
 
 /// The fast path: readiness from the reactor, `read(2)`/`write(2)` straight into
@@ -227,16 +220,6 @@ impl RelayIo for TcpStream {
     fn shutdown_write(&mut self) -> io::Result<()> {
         socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write)
     }
-
-    /// From the readiness the reactor keeps (`EPOLLRDHUP`), looked at without
-    /// waiting: a readiness future polled once with a waker that does nothing.
-    fn fin_seen(&self) -> bool {
-        let ready = std::pin::pin!(self.ready(Interest::READABLE));
-        matches!(
-            ready.poll(&mut Context::from_waker(Waker::noop())),
-            Poll::Ready(Ok(r)) if r.is_read_closed()
-        )
-    }
 }
 
 /// A boxed stream relays as itself: a large stream (a TLS session) kept on the heap
@@ -256,10 +239,6 @@ impl<T: RelayIo> RelayIo for Box<T> {
 
     fn shutdown_write(&mut self) -> io::Result<()> {
         (**self).shutdown_write()
-    }
-
-    fn fin_seen(&self) -> bool {
-        (**self).fin_seen()
     }
 }
 
@@ -373,11 +352,6 @@ impl Flow {
         }
     }
 
-    /// The sender's close frame has passed whole, nothing of a next frame held.
-    fn said_all(&self) -> bool {
-        self.walker.close_code().is_some() && self.carry.is_empty()
-    }
-
     /// Whether wsgate may write a close frame of its own into this direction.
     fn can_inject_close(&self) -> bool {
         self.walker.at_boundary() && self.walker.close_code().is_none()
@@ -445,12 +419,6 @@ fn pump<F: RelayIo, T: RelayIo>(
     to: &mut T,
     flow: &mut Flow,
 ) -> Poll<Step> {
-    // After its close frame a sender may say nothing more: its FIN, once the
-    // reactor has seen it, is its EOF (and what follows the close frame on a
-    // misbehaving connection is not read).
-    if flow.said_all() && from.fin_seen() {
-        return Poll::Ready(Step::Eof);
-    }
     READ_BUFFER.with_borrow_mut(|buf| {
         let carried = flow.carry.len();
         buf[..carried].copy_from_slice(&flow.carry);
@@ -462,8 +430,6 @@ fn pump<F: RelayIo, T: RelayIo>(
         flow.bytes += n as u64;
         Poll::Ready(match flow.forward(&buf[..carried + n], to) {
             Ok(Some(stop)) => Step::Stopped(stop),
-            // The close frame and the FIN behind it, taken in one read.
-            Ok(None) if flow.said_all() && flow.pending.is_empty() && from.fin_seen() => Step::Eof,
             Ok(None) => Step::Moved,
             Err(e) => Step::WriteFailed(e),
         })
@@ -1015,35 +981,6 @@ mod tests {
             presence: None,
             permit: None,
         }
-    }
-
-    /// A peer's FIN is seen from readiness once the reactor has reported it, and
-    /// not before: data alone is not a FIN.
-    #[tokio::test]
-    async fn a_fin_is_seen_from_readiness() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        peer.write_all(b"x").await.unwrap();
-        let ready = tokio::time::timeout(Duration::from_secs(5), stream.readable()).await;
-        ready.expect("readable").unwrap();
-        assert!(!stream.fin_seen(), "data alone");
-        peer.shutdown().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let ready = stream.ready(Interest::READABLE).await.unwrap();
-            if ready.is_read_closed() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the reactor never saw the FIN");
-            tokio::task::yield_now().await;
-        }
-        assert!(stream.fin_seen());
-        // What was before the FIN is still there to read.
-        let mut got = [0u8; 4];
-        assert_eq!(stream.peek(&mut got).await.unwrap(), 1);
     }
 
     /// The seam: a tunnel between two in-memory streams (as TLS or HTTP/2 streams
