@@ -204,10 +204,7 @@ fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
 
 /// Whether a message ends its connection (`Connection: close`).
 fn closes(headers: &HeaderMap) -> bool {
-    headers.get_all(http::header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-    })
+    handshake::has_token(headers, http::header::CONNECTION, "close")
 }
 
 /// Writes `response` in one write, within `timeout` (a client that never reads
@@ -247,9 +244,7 @@ fn encode(parts: &http::response::Parts, body: &[u8]) -> Vec<u8> {
     }
     // No length for the statuses that never have a body (a backend's 204 or 304
     // passed on), as hyper writes them.
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = handshake::bodiless(status);
     if status != StatusCode::SWITCHING_PROTOCOLS {
         if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
             out.put_slice(format!("content-length: {}\r\n", body.len()).as_bytes());

@@ -139,15 +139,7 @@ struct AccessEntry {
 /// 101 with the tunnel started behind it.
 pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> Response<ProxyBody> {
     if conn.over_ip_limit {
-        let refusal = Refusal::new("", "ip_limited", too_many(OverLimit::Connections));
-        if handshake::is_upgrade(&req) {
-            m::upgrade_counter("", "", refusal.result).increment(1);
-            if crate::access::enabled() {
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                log_refusal(id, &conn, &refusal, Instant::now());
-            }
-        }
-        return full(*refusal.response);
+        return full(ip_limited(&conn, handshake::is_upgrade(&req)));
     }
     if let Some(page) = page(&shared, &req) {
         return full(page);
@@ -187,19 +179,27 @@ pub async fn upgrade_direct(
     shared: Shared,
 ) -> (Response<Full<Bytes>>, Option<Pending>) {
     if conn.over_ip_limit {
-        let refusal = Refusal::new("", "ip_limited", too_many(OverLimit::Connections));
-        m::upgrade_counter("", "", refusal.result).increment(1);
-        if crate::access::enabled() {
-            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-            log_refusal(id, &conn, &refusal, Instant::now());
-        }
-        return (*refusal.response, None);
+        return (ip_limited(&conn, true), None);
     }
     if shared.stopping.is_cancelled() {
         return (shutting_down(), None);
     }
     handshake::normalize_path(&mut req);
     upgrade_request(req, conn, shared).await
+}
+
+/// The answer on a connection its address opened over `max_connections_per_ip`;
+/// counted and logged as a refused upgrade when the request is one.
+fn ip_limited(conn: &Conn, upgrade: bool) -> Response<Full<Bytes>> {
+    let refusal = Refusal::new("", "ip_limited", too_many(OverLimit::Connections));
+    if upgrade {
+        m::upgrade_counter("", "", refusal.result).increment(1);
+        if crate::access::enabled() {
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            log_refusal(id, conn, &refusal, Instant::now());
+        }
+    }
+    *refusal.response
 }
 
 /// One access-log line for a refused upgrade.

@@ -68,8 +68,16 @@ pub fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// A status whose response never has a body (1xx, 204, 304): written without
+/// `Content-Length`, read without a body.
+pub fn bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
 /// True when a comma-separated header holds `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))

@@ -84,15 +84,6 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// `future` on the heap, made in its box: the box is allocated first and the
-/// future written into it, so only what it starts with (its arguments) is
-/// written, where `Box::pin` builds it beside and copies it whole (the size of
-/// its largest state, kilobytes for an upgrade's).
-#[inline(always)]
-pub fn made_boxed<F: std::future::Future>(future: F) -> std::pin::Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::new_uninit(), future))
-}
-
 /// The sockets wsgate serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
     /// One per `[server] listen` address, in the same order.

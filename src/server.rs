@@ -144,7 +144,13 @@ pub async fn serve_until(listener: TcpListener, stop: CancellationToken, shared:
         move |stream, peer, permit| {
             // Everything before the tunnel, boxed and freed before the tunnel
             // runs: the connection's task carries only the tunnel for its life.
-            let answering = crate::made_boxed(answer_plain(stream, peer, permit, shared.clone()));
+            // Written into a box allocated first: only the arguments it starts
+            // with are written, where `Box::pin` would build it beside and copy
+            // it whole (the size of its largest state, kilobytes).
+            let answering = Box::into_pin(Box::write(
+                Box::new_uninit(),
+                answer_plain(stream, peer, permit, shared.clone()),
+            ));
             async move {
                 // Awaited as made (no local kept beside it across the await).
                 let relaying = answering.await.map(crate::direct::Tunnel::run);

@@ -530,10 +530,7 @@ where
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
-    let no_body = head.status.is_informational()
-        || head.status == StatusCode::NO_CONTENT
-        || head.status == StatusCode::NOT_MODIFIED;
-    if no_body || (!chunked && length == Some(0)) {
+    if handshake::bodiless(head.status) || (!chunked && length == Some(0)) {
         return Some(Bytes::new());
     }
     if chunked {
