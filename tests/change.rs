@@ -98,8 +98,9 @@ async fn reload_everything(watch: bool) {
         EchoBackend::start().await,
         EchoBackend::start().await,
     ];
-    let (l1, l2, l3) = (free_addr().await, free_addr().await, free_addr().await);
-    let (a1, a2) = (free_addr().await, free_addr().await);
+    let [l1, l2, l3, a1, a2] = free_addrs(5).await[..] else {
+        unreachable!("five addresses")
+    };
     let before = every_section(
         &[l1, l2],
         a1,

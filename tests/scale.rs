@@ -499,13 +499,7 @@ async fn backends_seen(admin: SocketAddr) -> Vec<(u64, u64)> {
 async fn burst_through(instances: usize) -> Vec<usize> {
     let redis = RedisServer::start().await;
     let b = three().await;
-    let admins: Vec<SocketAddr> = {
-        let mut out = Vec::new();
-        for _ in 0..instances {
-            out.push(free_addr().await);
-        }
-        out
-    };
+    let admins = free_addrs(instances).await;
     let config = |id: usize, n: usize| {
         let list: Vec<_> = b[..n].iter().map(|b| (b.addr, 1)).collect();
         format!(

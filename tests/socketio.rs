@@ -80,8 +80,7 @@ async fn socket_io_clients_work_through_wsgate_with_sticky_cookies() {
     let redis = RedisServer::start().await;
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
-    for i in 0..3 {
-        let addr = free_addr().await;
+    for (i, addr) in free_addrs(3).await.into_iter().enumerate() {
         servers.push(server(addr.port(), &redis.url(), &format!("io{i}")).await);
         addrs.push((addr, 1));
     }

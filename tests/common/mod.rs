@@ -827,6 +827,17 @@ pub async fn free_addr() -> SocketAddr {
     dead_addr().await
 }
 
+/// `n` distinct loopback addresses, each with a port free a moment ago: every
+/// port is held until all are chosen (ports bound and released one by one may
+/// come back twice).
+pub async fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    held.iter().map(|l| l.local_addr().expect("addr")).collect()
+}
+
 /// `[cluster]` for a test instance.
 pub fn cluster(redis: &str, instance: &str, heartbeat: &str) -> String {
     format!(
