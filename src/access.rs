@@ -144,8 +144,13 @@ where
         .with_target(false)
         .with_level(false)
         .with_writer(writer)
-        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.target() == TARGET && enabled()
-        }));
+        .with_filter(
+            tracing_subscriber::filter::filter_fn(|meta| meta.target() == TARGET && enabled())
+                // Access lines are info: without the hint the whole subscriber's
+                // would be "anything", and every debug and trace call site of
+                // wsgate and its dependencies (the `log` records of mio's
+                // included) would be asked and refused one by one at run time.
+                .with_max_level_hint(tracing::Level::INFO),
+        );
     (layer, guard)
 }

@@ -61,6 +61,10 @@ pub struct ConnHold {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// An upgrade's answer: the response to write, and the tunnel to run behind it
+/// when it is a 101.
+pub type Reply = (Response<Full<Bytes>>, Option<Pending>);
+
 /// What every request of one client connection shares.
 #[derive(Clone)]
 pub struct Conn {
@@ -161,31 +165,33 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
             return crate::forward::forward(req, &conn, route, &shared.http, user).await;
         }
     }
-    let tracker = shared.tracker.clone();
-    let (response, pending) = upgrade_request(req, conn, shared).await;
+    let (response, pending) = upgrade_request(req, &conn, &shared).await;
     if let Some(pending) = pending {
-        pending.spawn(&tracker);
+        pending.spawn(&shared.tracker);
     }
     full(response)
 }
 
 /// Answers a plain HTTP/1.1 WebSocket upgrade read without hyper (see
-/// `server::serve_plain`): the response to write, and the tunnel to run on the
-/// connection once it is written. Everything [`handle`] does for an upgrade,
-/// in the same order.
-pub async fn upgrade_direct(
+/// `direct::serve`): at once when it is refused before routing (the connection
+/// over its address's limit, wsgate stopping), else the future of the answer and
+/// of the tunnel to run on the connection once it is written. Everything
+/// [`handle`] does for an upgrade, in the same order.
+pub fn upgrade_direct<'a>(
     mut req: Request<()>,
-    conn: Conn,
-    shared: Shared,
-) -> (Response<Full<Bytes>>, Option<Pending>) {
+    conn: &'a Conn,
+    shared: &'a Shared,
+) -> Result<impl Future<Output = Reply> + Send + 'a, Box<Response<Full<Bytes>>>> {
     if conn.over_ip_limit {
-        return (ip_limited(&conn, true), None);
+        return Err(Box::new(ip_limited(conn, true)));
     }
     if shared.stopping.is_cancelled() {
-        return (shutting_down(), None);
+        return Err(Box::new(shutting_down()));
     }
     handshake::normalize_path(&mut req);
-    upgrade_request(req, conn, shared).await
+    // The future itself, not one wrapping it: the connection's task builds it in
+    // place, without another few kilobytes copied.
+    Ok(upgrade_request(req, conn, shared))
 }
 
 /// The answer on a connection its address opened over `max_connections_per_ip`;
@@ -280,11 +286,7 @@ fn too_many(over: OverLimit) -> Response<Full<Bytes>> {
 }
 
 /// A WebSocket upgrade (or a request refused as one).
-async fn upgrade_request<B>(
-    mut req: Request<B>,
-    conn: Conn,
-    shared: Shared,
-) -> (Response<Full<Bytes>>, Option<Pending>) {
+async fn upgrade_request<B>(mut req: Request<B>, conn: &Conn, shared: &Shared) -> Reply {
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -301,7 +303,7 @@ async fn upgrade_request<B>(
     );
     let instances = shared.cluster.instances();
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
-    let accepted = upgrade(&mut req, &conn, &snapshot, &shared.per_ip, &span, instances)
+    let accepted = upgrade(&mut req, conn, &snapshot, &shared.per_ip, &span, instances)
         .instrument(span.clone())
         .await;
     drop(in_flight);
@@ -322,12 +324,12 @@ async fn upgrade_request<B>(
                 .upgrade
                 .record(started.elapsed().as_secs_f64());
             accepted.metrics.websockets[usize::from(accepted.h2)].increment(1);
-            start_tunnel(accepted, id, &shared, &conn, span)
+            start_tunnel(accepted, id, shared, conn, span)
         }
         Err(refusal) => {
             m::upgrade_counter(&refusal.pool, &refusal.backend, refusal.result).increment(1);
             if crate::access::enabled() {
-                log_refusal(id, &conn, &refusal, started);
+                log_refusal(id, conn, &refusal, started);
             }
             (*refusal.response, None)
         }
@@ -655,7 +657,7 @@ fn start_tunnel(
     shared: &Shared,
     conn: &Conn,
     span: tracing::Span,
-) -> (Response<Full<Bytes>>, Option<Pending>) {
+) -> Reply {
     let Accepted {
         route_pool: pool,
         metrics,
