@@ -83,10 +83,7 @@ pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) -> Option<
     let peer = conn.peer.client;
     // A refusal ends the connection when either side says `Connection: close`.
     let client_closes = closes(req.headers());
-    let (response, pending) = match handler::upgrade_direct(req, &conn, &shared) {
-        Ok(upgrading) => upgrading.await,
-        Err(refused) => (*refused, None),
-    };
+    let (response, pending) = handler::upgrade_direct(req, &conn, &shared).await;
     let close = pending.is_none() && (client_closes || closes(response.headers()));
     let written = write_response(&mut stream, response, timeout).await;
     if let Err(e) = written {

@@ -33,9 +33,12 @@ use crate::relay::{End, Guards, Limits, Meter, Outcome, Polled, Prepared, Side};
 use crate::state::{Route, Snapshot, State};
 use crate::upstream::{self, Answer, Upgraded, UpstreamError};
 
-/// What every request needs; cheap to clone.
-#[derive(Clone)]
-pub struct Shared {
+/// What every request needs, in one allocation: a connection's task takes a
+/// clone (one reference count) and its futures hold a pointer, not the parts.
+pub type Shared = Arc<Services>;
+
+/// The parts of [`Shared`].
+pub struct Services {
     pub state: Arc<State>,
     pub cluster: Arc<Cluster>,
     pub page: Option<&'static str>,
@@ -173,25 +176,18 @@ pub async fn handle(mut req: Request<Incoming>, conn: Conn, shared: Shared) -> R
 }
 
 /// Answers a plain HTTP/1.1 WebSocket upgrade read without hyper (see
-/// `direct::serve`): at once when it is refused before routing (the connection
-/// over its address's limit, wsgate stopping), else the future of the answer and
-/// of the tunnel to run on the connection once it is written. Everything
-/// [`handle`] does for an upgrade, in the same order.
+/// `direct::serve`): the response to write, and the tunnel to run on the
+/// connection once it is written. Everything [`handle`] does for an upgrade
+/// (the path normalised first here: no refusal before routing depends on it).
+/// Not an async fn of its own: the connection's task builds `upgrade_request`'s
+/// future in place, without another few kilobytes copied.
 pub fn upgrade_direct<'a>(
     mut req: Request<()>,
     conn: &'a Conn,
     shared: &'a Shared,
-) -> Result<impl Future<Output = Reply> + Send + 'a, Box<Response<Full<Bytes>>>> {
-    if conn.over_ip_limit {
-        return Err(Box::new(ip_limited(conn, true)));
-    }
-    if shared.stopping.is_cancelled() {
-        return Err(Box::new(shutting_down()));
-    }
+) -> impl Future<Output = Reply> + Send + 'a {
     handshake::normalize_path(&mut req);
-    // The future itself, not one wrapping it: the connection's task builds it in
-    // place, without another few kilobytes copied.
-    Ok(upgrade_request(req, conn, shared))
+    upgrade_request(req, conn, shared)
 }
 
 /// The answer on a connection its address opened over `max_connections_per_ip`;
@@ -287,6 +283,14 @@ fn too_many(over: OverLimit) -> Response<Full<Bytes>> {
 
 /// A WebSocket upgrade (or a request refused as one).
 async fn upgrade_request<B>(mut req: Request<B>, conn: &Conn, shared: &Shared) -> Reply {
+    // `handle` answers these before it gets here; `upgrade_direct` leaves them
+    // to this function.
+    if conn.over_ip_limit {
+        return (ip_limited(conn, true), None);
+    }
+    if shared.stopping.is_cancelled() {
+        return (shutting_down(), None);
+    }
     let started = Instant::now();
     let snapshot = shared.state.load();
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);

@@ -461,7 +461,7 @@ impl Gateway {
             }
         }
         background.close();
-        let shared = handler::Shared {
+        let shared = Arc::new(handler::Services {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
             page: self.page,
@@ -470,7 +470,7 @@ impl Gateway {
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             http: forward::client(),
             per_ip: Arc::default(),
-        };
+        });
         let admin = Arc::new(admin::Admin {
             state: self.state.clone(),
             cluster: self.cluster.clone(),
