@@ -170,6 +170,12 @@ pub trait RelayIo: Send + 'static {
     }
     /// Ends this side's sending (FIN). An error means the peer is gone already.
     fn shutdown_write(&mut self) -> io::Result<()>;
+    /// Writes, without waiting, the last bytes this side will carry, held for the
+    /// FIN that follows so that both go in one segment (`MSG_MORE`); `None` where
+    /// the stream has no such write, and its FIN waits for the sender's.
+    fn try_write_before_fin(&mut self, _data: &[u8]) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 /// The fast path: readiness from the reactor, `read(2)`/`write(2)` straight into
@@ -220,6 +226,14 @@ impl RelayIo for TcpStream {
     fn shutdown_write(&mut self) -> io::Result<()> {
         socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write)
     }
+
+    #[cfg(target_os = "linux")]
+    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+        Some(self.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(&*self)
+                .send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        }))
+    }
 }
 
 /// A boxed stream relays as itself: a large stream (a TLS session) kept on the heap
@@ -239,6 +253,10 @@ impl<T: RelayIo> RelayIo for Box<T> {
 
     fn shutdown_write(&mut self) -> io::Result<()> {
         (**self).shutdown_write()
+    }
+
+    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+        (**self).try_write_before_fin(data)
     }
 }
 
@@ -330,6 +348,9 @@ struct Flow {
     pending: Vec<u8>,
     /// The sender closed its side (read returned 0).
     eof: bool,
+    /// The receiver was sent FIN with the close frame that ended the closing
+    /// handshake, before the sender's own FIN came.
+    fin_sent: bool,
     bytes: u64,
 }
 
@@ -340,6 +361,7 @@ impl Flow {
             carry: Vec::new(),
             pending: Vec::new(),
             eof: false,
+            fin_sent: false,
             bytes: 0,
         }
     }
@@ -359,7 +381,15 @@ impl Flow {
 
     /// Walks `data` (the carried header bytes first) and writes what may go to
     /// `to` now; the verdict when the sender broke the size limit or the protocol.
-    fn forward<T: RelayIo>(&mut self, data: &[u8], to: &mut T) -> io::Result<Option<Stop>> {
+    /// `answered`: the other direction has carried its close frame already, so a
+    /// close frame here ends the closing handshake.
+    fn forward<T: RelayIo>(
+        &mut self,
+        data: &[u8],
+        to: &mut T,
+        answered: bool,
+    ) -> io::Result<Option<Stop>> {
+        let closed_before = self.walker.close_code().is_some();
         self.carry.clear();
         let (forward, stop) = match self.walker.walk(data) {
             Walk::Forward { held } => {
@@ -370,6 +400,27 @@ impl Flow {
             Walk::TooBig { at } => (&data[..at], Some(Stop::TooBig)),
             Walk::Broken { at, code } => (&data[..at], Some(Stop::Broken(code))),
         };
+        // The close frame that ends the closing handshake, last in what was read:
+        // nothing may follow it, so the receiver's FIN goes with it in one segment,
+        // as a WebSocket server closes after its close frame (RFC 6455 §7.1.1),
+        // not a round trip later when the sender's FIN arrives.
+        let ends_closing = answered
+            && !closed_before
+            && !forward.is_empty()
+            && stop.is_none()
+            && self.carry.is_empty()
+            && self.walker.close_code().is_some();
+        if ends_closing && let Some(written) = write_before_fin(to, forward, &mut self.pending) {
+            // All of it taken: the FIN now. Else the rest waits in `pending` and
+            // the FIN comes with the sender's, as for any other stream.
+            if written? {
+                if let Err(e) = to.shutdown_write() {
+                    tracing::debug!(error = %e, "shutdown after the closing handshake");
+                }
+                self.fin_sent = true;
+            }
+            return Ok(None);
+        }
         write_now(to, forward, &mut self.pending)?;
         Ok(stop)
     }
@@ -418,6 +469,7 @@ fn pump<F: RelayIo, T: RelayIo>(
     from: &mut F,
     to: &mut T,
     flow: &mut Flow,
+    answered: bool,
 ) -> Poll<Step> {
     READ_BUFFER.with_borrow_mut(|buf| {
         let carried = flow.carry.len();
@@ -428,7 +480,7 @@ fn pump<F: RelayIo, T: RelayIo>(
             Err(e) => return Poll::Ready(Step::ReadFailed(e)),
         };
         flow.bytes += n as u64;
-        Poll::Ready(match flow.forward(&buf[..carried + n], to) {
+        Poll::Ready(match flow.forward(&buf[..carried + n], to, answered) {
             Ok(Some(stop)) => Step::Stopped(stop),
             Ok(None) => Step::Moved,
             Err(e) => Step::WriteFailed(e),
@@ -450,6 +502,31 @@ fn write_now<T: RelayIo>(to: &mut T, mut data: &[u8], pending: &mut Vec<u8>) -> 
         }
     }
     Ok(())
+}
+
+/// Writes `data` with [`RelayIo::try_write_before_fin`]: `Some(Ok(true))` when
+/// the stream took all of it, `Some(Ok(false))` when the rest waits in `pending`,
+/// `None` (nothing written) when the stream has no such write.
+fn write_before_fin<T: RelayIo>(
+    to: &mut T,
+    mut data: &[u8],
+    pending: &mut Vec<u8>,
+) -> Option<io::Result<bool>> {
+    // Bounded: every pass writes at least one byte or returns.
+    loop {
+        if data.is_empty() {
+            return Some(Ok(true));
+        }
+        match to.try_write_before_fin(data)? {
+            Ok(0) => return Some(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pending.extend_from_slice(data);
+                return Some(Ok(false));
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
 }
 
 /// Writes `pending` until it is empty (then frees it) or the stream is full
@@ -652,7 +729,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     fn feed_early(&mut self, client_early: Bytes, backend_early: Bytes) -> Option<End> {
         if !client_early.is_empty() {
             self.up.bytes += client_early.len() as u64;
-            match self.up.forward(&client_early, &mut self.backend) {
+            match self.up.forward(&client_early, &mut self.backend, false) {
                 Ok(Some(stop)) => return Some(stop.end(Side::Client)),
                 Ok(None) => {}
                 Err(_) => return Some(End::BackendGone),
@@ -660,7 +737,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         }
         if !backend_early.is_empty() {
             self.down.bytes += backend_early.len() as u64;
-            match self.down.forward(&backend_early, &mut self.client) {
+            match self.down.forward(&backend_early, &mut self.client, false) {
                 Ok(Some(stop)) => return Some(stop.end(Side::Backend)),
                 Ok(None) => {}
                 Err(_) => return Some(End::ClientGone),
@@ -783,6 +860,9 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         } = self;
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();
+        // Whether each direction's close frame would answer the other's.
+        let client_answers = down.walker.close_code().is_some();
+        let backend_answers = up.walker.close_code().is_some();
         let flush_backend = !up.pending.is_empty();
         let flush_client = !down.pending.is_empty();
         std::future::poll_fn(|cx| {
@@ -792,13 +872,13 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             for client_turn in [client_first, !client_first] {
                 if client_turn
                     && read_client
-                    && let Poll::Ready(step) = pump(cx, client, backend, up)
+                    && let Poll::Ready(step) = pump(cx, client, backend, up, client_answers)
                 {
                     return Poll::Ready(Event::ClientRead(step));
                 }
                 if !client_turn
                     && read_backend
-                    && let Poll::Ready(step) = pump(cx, backend, client, down)
+                    && let Poll::Ready(step) = pump(cx, backend, client, down, backend_answers)
                 {
                     return Poll::Ready(Event::BackendRead(step));
                 }
@@ -861,8 +941,9 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
                     return Some(gone_from);
                 }
                 // The sender said all it will say: pass its FIN on (with both
-                // sides done, closing the streams sends the FIN instead).
-                if !other.eof {
+                // sides done, closing the streams sends the FIN instead), unless
+                // it went with the close frame that ended the handshake.
+                if !other.eof && !flow.fin_sent {
                     match from {
                         Side::Client => shutdown_write(&mut self.backend),
                         Side::Backend => shutdown_write(&mut self.client),

@@ -35,7 +35,10 @@ const PLAIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds a listener (synchronously, so a reload can bind before it changes
 /// anything): `SO_REUSEADDR`, non-blocking, the kernel queueing up to `backlog`
 /// connections not yet accepted (`[server] backlog`; the kernel caps it at
-/// `net.core.somaxconn`).
+/// `net.core.somaxconn`). On Linux without quick ACKs (inherited by the
+/// connections it accepts): a client's first request is acknowledged by the answer
+/// that follows it within the delayed-ACK time, not by an empty segment of its
+/// own, as HAProxy's `tcp-smart-accept` does in HTTP mode.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -46,6 +49,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    // After listen(2), which resets the ACK state.
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_quickack(false)?;
     TcpListener::from_std(socket.into())
 }
 
@@ -435,5 +441,20 @@ mod tests {
         let addr = taken.local_addr().expect("addr");
         let second = bind(addr, 16);
         assert!(second.is_err(), "{:?}", second.map(|l| l.local_addr()));
+    }
+
+    /// The connections a listener accepts leave quick-ACK mode at once: the
+    /// request is acknowledged by the answer, not by an empty segment first.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_do_not_ack_the_request_on_their_own() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let quick = socket2::SockRef::from(&accepted)
+            .tcp_quickack()
+            .expect("TCP_QUICKACK");
+        assert!(!quick, "the accepted connection is in quick-ACK mode");
     }
 }

@@ -83,6 +83,13 @@ impl RelayIo for BackendStream {
             BackendStream::Tls(s) => s.shutdown_write(),
         }
     }
+
+    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+        match self {
+            BackendStream::Tcp(s) => s.try_write_before_fin(data),
+            BackendStream::Tls(s) => s.try_write_before_fin(data),
+        }
+    }
 }
 
 /// Why no backend answered.

@@ -186,3 +186,53 @@ async fn shutdown_closes_every_tunnel_with_1001_and_returns() {
         .expect("stopped in time")
         .expect("stop task");
 }
+
+/// The close frame that answers the other side's ends the closing handshake:
+/// nothing may follow it (RFC 6455 §7.1.1), so its receiver gets FIN with it,
+/// without waiting for the sender to close its TCP connection first. Both ways,
+/// with a `close_timeout` far beyond the wait allowed here.
+#[tokio::test]
+async fn the_close_frame_that_ends_the_handshake_comes_with_fin() {
+    use tokio::io::AsyncReadExt;
+    let client_close = frame(0x88, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
+    let backend_close = frame(0x88, &1000u16.to_be_bytes(), None);
+    for client_first in [true, false] {
+        let mut backend = RawBackend::start("").await;
+        let proxy = Proxy::start(&format!(
+            "{}{}",
+            route("/ws", "p"),
+            pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
+        ))
+        .await;
+        let mut client = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        client
+            .write_all(upgrade_request("/ws", "").as_bytes())
+            .await
+            .expect("request");
+        assert!(read_head(&mut client).await.starts_with("HTTP/1.1 101"));
+        let (mut held, _) = backend.next().await;
+        // Who sends the first close frame, and who answers it (and then keeps its
+        // connection open): the answerer's peer must see EOF at once.
+        let (first, first_close, answerer, answer) = if client_first {
+            (&mut client, &client_close, &mut held, &backend_close)
+        } else {
+            (&mut held, &backend_close, &mut client, &client_close)
+        };
+        first.write_all(first_close).await.expect("first close");
+        assert_eq!(&read_exact(answerer, first_close.len()).await, first_close);
+        answerer.write_all(answer).await.expect("answer");
+        assert_eq!(&read_exact(first, answer.len()).await, answer);
+        let mut rest = [0u8; 16];
+        let eof = tokio::time::timeout(Duration::from_secs(5), first.read(&mut rest)).await;
+        assert!(
+            matches!(eof, Ok(Ok(0))),
+            "client first: {client_first}: no FIN after the answering close frame: {eof:?}"
+        );
+        // The answerer closes in turn; the tunnel ends and its count goes back.
+        drop(client);
+        drop(held);
+        proxy.wait_counts("p", &[0]).await;
+    }
+}
