@@ -488,6 +488,12 @@ fn pump<F: RelayIo, T: RelayIo>(
     })
 }
 
+/// Whether a close frame the other way would answer `other`'s: read where it is
+/// needed, not kept in the relay's future (its size is every idle tunnel's).
+fn answered(other: &Flow) -> bool {
+    other.walker.close_code().is_some()
+}
+
 /// Writes as much of `data` as the stream takes without waiting; keeps the rest.
 fn write_now<T: RelayIo>(to: &mut T, mut data: &[u8], pending: &mut Vec<u8>) -> io::Result<()> {
     while !data.is_empty() {
@@ -860,9 +866,6 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         } = self;
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();
-        // Whether each direction's close frame would answer the other's.
-        let client_answers = down.walker.close_code().is_some();
-        let backend_answers = up.walker.close_code().is_some();
         let flush_backend = !up.pending.is_empty();
         let flush_client = !down.pending.is_empty();
         std::future::poll_fn(|cx| {
@@ -872,13 +875,13 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             for client_turn in [client_first, !client_first] {
                 if client_turn
                     && read_client
-                    && let Poll::Ready(step) = pump(cx, client, backend, up, client_answers)
+                    && let Poll::Ready(step) = pump(cx, client, backend, up, answered(down))
                 {
                     return Poll::Ready(Event::ClientRead(step));
                 }
                 if !client_turn
                     && read_backend
-                    && let Poll::Ready(step) = pump(cx, backend, client, down, backend_answers)
+                    && let Poll::Ready(step) = pump(cx, backend, client, down, answered(up))
                 {
                     return Poll::Ready(Event::BackendRead(step));
                 }
