@@ -204,14 +204,7 @@ async fn the_close_frame_that_ends_the_handshake_comes_with_fin() {
             pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
         ))
         .await;
-        let mut client = tokio::net::TcpStream::connect(proxy.addr)
-            .await
-            .expect("connect");
-        client
-            .write_all(upgrade_request("/ws", "").as_bytes())
-            .await
-            .expect("request");
-        assert!(read_head(&mut client).await.starts_with("HTTP/1.1 101"));
+        let mut client = raw_upgrade(proxy.addr, "/ws").await;
         let (mut held, _) = backend.next().await;
         // Who sends the first close frame, and who answers it (and then keeps its
         // connection open): the answerer's peer must see EOF at once.

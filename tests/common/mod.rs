@@ -449,6 +449,19 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
     )
 }
 
+/// A raw client connection upgraded through the proxy at `addr` on `path` (its
+/// 101 read): for byte-exact frames.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(upgrade_request(path, "").as_bytes())
+        .await
+        .expect("request");
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    client
+}
+
 /// The `Sec-WebSocket-Accept` that answers the key in a raw request head.
 pub fn accept_for(head: &str) -> String {
     let key = head
