@@ -170,11 +170,16 @@ pub trait RelayIo: Send + 'static {
     }
     /// Ends this side's sending (FIN). An error means the peer is gone already.
     fn shutdown_write(&mut self) -> io::Result<()>;
-    /// Writes, without waiting, the last bytes this side will carry, held for the
-    /// FIN that follows so that both go in one segment (`MSG_MORE`); `None` where
-    /// the stream has no such write, and its FIN waits for the sender's.
-    fn try_write_before_fin(&mut self, _data: &[u8]) -> Option<io::Result<usize>> {
-        None
+    /// Whether the last bytes this side carries and its FIN can go out together
+    /// ([`RelayIo::try_write_before_fin`]); where not, the FIN waits for the
+    /// sender's.
+    fn fin_with_last_write(&self) -> bool {
+        false
+    }
+    /// Like `try_write`, the bytes held for the FIN that follows so that both go
+    /// in one segment (`MSG_MORE`) where [`RelayIo::fin_with_last_write`].
+    fn try_write_before_fin(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.try_write(data)
     }
 }
 
@@ -227,12 +232,16 @@ impl RelayIo for TcpStream {
         socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write)
     }
 
+    fn fin_with_last_write(&self) -> bool {
+        cfg!(target_os = "linux")
+    }
+
     #[cfg(target_os = "linux")]
-    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
-        Some(self.try_io(Interest::WRITABLE, || {
+    fn try_write_before_fin(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || {
             socket2::SockRef::from(&*self)
                 .send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-        }))
+        })
     }
 }
 
@@ -255,7 +264,11 @@ impl<T: RelayIo> RelayIo for Box<T> {
         (**self).shutdown_write()
     }
 
-    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+    fn fin_with_last_write(&self) -> bool {
+        (**self).fin_with_last_write()
+    }
+
+    fn try_write_before_fin(&mut self, data: &[u8]) -> io::Result<usize> {
         (**self).try_write_before_fin(data)
     }
 }
@@ -404,24 +417,21 @@ impl Flow {
         // nothing may follow it, so the receiver's FIN goes with it in one segment,
         // as a WebSocket server closes after its close frame (RFC 6455 §7.1.1),
         // not a round trip later when the sender's FIN arrives.
-        let ends_closing = answered
+        let fin_now = answered
             && !closed_before
             && !forward.is_empty()
             && stop.is_none()
             && self.carry.is_empty()
-            && self.walker.close_code().is_some();
-        if ends_closing && let Some(written) = write_before_fin(to, forward, &mut self.pending) {
-            // All of it taken: the FIN now. Else the rest waits in `pending` and
-            // the FIN comes with the sender's, as for any other stream.
-            if written? {
-                if let Err(e) = to.shutdown_write() {
-                    tracing::debug!(error = %e, "shutdown after the closing handshake");
-                }
-                self.fin_sent = true;
+            && self.walker.close_code().is_some()
+            && to.fin_with_last_write();
+        // All of it taken: the FIN now. Else the rest waits in `pending` and the
+        // FIN comes with the sender's, as for any other stream.
+        if write_now(to, forward, &mut self.pending, fin_now)? && fin_now {
+            if let Err(e) = to.shutdown_write() {
+                tracing::debug!(error = %e, "shutdown after the closing handshake");
             }
-            return Ok(None);
+            self.fin_sent = true;
         }
-        write_now(to, forward, &mut self.pending)?;
         Ok(stop)
     }
 }
@@ -494,45 +504,31 @@ fn answered(other: &Flow) -> bool {
     other.walker.close_code().is_some()
 }
 
-/// Writes as much of `data` as the stream takes without waiting; keeps the rest.
-fn write_now<T: RelayIo>(to: &mut T, mut data: &[u8], pending: &mut Vec<u8>) -> io::Result<()> {
+/// Writes as much of `data` as the stream takes without waiting (held for the
+/// FIN that follows when `before_fin`); keeps the rest. True when it took all.
+fn write_now<T: RelayIo>(
+    to: &mut T,
+    mut data: &[u8],
+    pending: &mut Vec<u8>,
+    before_fin: bool,
+) -> io::Result<bool> {
     while !data.is_empty() {
-        match to.try_write(data) {
+        let written = if before_fin {
+            to.try_write_before_fin(data)
+        } else {
+            to.try_write(data)
+        };
+        match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pending.extend_from_slice(data);
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(())
-}
-
-/// Writes `data` with [`RelayIo::try_write_before_fin`]: `Some(Ok(true))` when
-/// the stream took all of it, `Some(Ok(false))` when the rest waits in `pending`,
-/// `None` (nothing written) when the stream has no such write.
-fn write_before_fin<T: RelayIo>(
-    to: &mut T,
-    mut data: &[u8],
-    pending: &mut Vec<u8>,
-) -> Option<io::Result<bool>> {
-    // Bounded: every pass writes at least one byte or returns.
-    loop {
-        if data.is_empty() {
-            return Some(Ok(true));
-        }
-        match to.try_write_before_fin(data)? {
-            Ok(0) => return Some(Err(io::ErrorKind::WriteZero.into())),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pending.extend_from_slice(data);
-                return Some(Ok(false));
-            }
-            Err(e) => return Some(Err(e)),
-        }
-    }
+    Ok(true)
 }
 
 /// Writes `pending` until it is empty (then frees it) or the stream is full

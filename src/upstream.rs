@@ -84,7 +84,14 @@ impl RelayIo for BackendStream {
         }
     }
 
-    fn try_write_before_fin(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+    fn fin_with_last_write(&self) -> bool {
+        match self {
+            BackendStream::Tcp(s) => s.fin_with_last_write(),
+            BackendStream::Tls(s) => s.fin_with_last_write(),
+        }
+    }
+
+    fn try_write_before_fin(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
             BackendStream::Tcp(s) => s.try_write_before_fin(data),
             BackendStream::Tls(s) => s.try_write_before_fin(data),
