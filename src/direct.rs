@@ -136,14 +136,17 @@ async fn read_head(
         if buf.capacity() == buf.len() {
             buf.reserve((buf.len() * 2).min(max_header_bytes) - buf.len());
         }
+        // The read first: a request already here is taken without joining the
+        // stop signal's waiters (and leaving them again).
         let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => read,
+            biased;
+            read = crate::timing::by(deadline, stream.read_buf(buf)) => read,
             // Stopping: an idle connection closes; one mid-request finishes it.
             _ = stopping.cancelled(), if buf.is_empty() => return Err(NotOurs::Gone),
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(NotOurs::Gone),
-            Ok(Ok(_)) => {}
+            Some(Ok(0)) | Some(Err(_)) | None => return Err(NotOurs::Gone),
+            Some(Ok(_)) => {}
         }
         if whole(buf)? {
             return Ok(buf.split().freeze());
@@ -220,9 +223,9 @@ async fn write_response(
         Err(never) => match never {},
     };
     let bytes = encode(&parts, &body);
-    match tokio::time::timeout(timeout, stream.write_all(&bytes)).await {
-        Ok(written) => written,
-        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    match crate::timing::within(timeout, stream.write_all(&bytes)).await {
+        Some(written) => written,
+        None => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 

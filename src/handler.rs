@@ -642,7 +642,10 @@ impl Pending {
 impl Ending {
     /// A tunnel ended: its close counted, its lifetime recorded, its access-log line.
     fn record(&self, outcome: &Outcome) {
-        count_close(&self.pool.name, outcome);
+        let (initiator, code, reason) = close_summary(outcome);
+        self.metrics
+            .closes
+            .increment((initiator, m::close_code_label(code), reason));
         self.metrics
             .connection
             .record(outcome.duration.as_secs_f64());
@@ -782,19 +785,6 @@ fn client_stream(upgraded: hyper::upgrade::Upgraded) -> ClientStream {
         Ok(tls) => ClientStream::Tls(Box::new(Polled::new(tls.io.into_inner())), tls.read_buf),
         Err(stream) => ClientStream::Other(Box::new(Polled::new(TokioIo::new(stream)))),
     }
-}
-
-/// One count per ended tunnel: who started the close and with which code.
-fn count_close(pool: &str, outcome: &Outcome) {
-    let (initiator, code, reason) = close_summary(outcome);
-    ::metrics::counter!(
-        m::CLOSES,
-        "pool" => pool.to_string(),
-        "code" => m::close_code_label(code),
-        "initiator" => initiator,
-        "reason" => reason,
-    )
-    .increment(1);
 }
 
 /// Who started a tunnel's close (`client`, `backend`, `wsgate`), its first close

@@ -51,6 +51,7 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod sticky;
+pub mod timing;
 pub mod tls;
 pub mod upstream;
 

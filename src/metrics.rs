@@ -197,6 +197,8 @@ pub struct PoolMetrics {
     pub traffic: std::sync::Arc<[metrics::Counter; 4]>,
     /// `wsgate_websockets_total` for `h1` and `h2`.
     pub websockets: [metrics::Counter; 2],
+    /// `wsgate_closes_total` of the pool's tunnels.
+    pub closes: Closes,
 }
 
 impl PoolMetrics {
@@ -221,7 +223,50 @@ impl PoolMetrics {
                     counter(BYTES, BACKEND_TO_CLIENT),
                 ])
             },
+            closes: Closes {
+                pool: pool.name.clone(),
+                seen: arc_swap::ArcSwap::default(),
+            },
         }
+    }
+}
+
+/// The labels of one `wsgate_closes_total` series besides the pool's: initiator,
+/// close code, reason.
+pub type CloseLabels = (&'static str, &'static str, &'static str);
+
+/// `wsgate_closes_total` of one pool: each label set's counter looked up in the
+/// registry once (which builds a key, with the pool's name copied, and hashes it),
+/// then kept here, so a tunnel's end costs a scan of a few entries and an add.
+/// Bounded: the label values are a fixed set.
+#[derive(Debug)]
+pub struct Closes {
+    pool: String,
+    seen: arc_swap::ArcSwap<Vec<(CloseLabels, metrics::Counter)>>,
+}
+
+impl Closes {
+    pub fn increment(&self, labels: CloseLabels) {
+        if let Some((_, counter)) = self.seen.load().iter().find(|(l, _)| *l == labels) {
+            counter.increment(1);
+            return;
+        }
+        let (initiator, code, reason) = labels;
+        let counter = metrics::counter!(
+            CLOSES,
+            "pool" => self.pool.clone(),
+            "code" => code,
+            "initiator" => initiator,
+            "reason" => reason,
+        );
+        counter.increment(1);
+        self.seen.rcu(|seen| {
+            let mut more = Vec::clone(seen);
+            if !more.iter().any(|(l, _)| *l == labels) {
+                more.push((labels, counter.clone()));
+            }
+            more
+        });
     }
 }
 
@@ -295,6 +340,44 @@ mod tests {
         assert_eq!(close_code_label(Some(4321)), "4000-4999");
         assert_eq!(close_code_label(Some(65535)), "invalid");
         assert_eq!(close_code_label(None), "none");
+    }
+
+    #[test]
+    fn a_close_series_is_looked_up_once_and_counts_every_close() {
+        let handle = handle();
+        let closes = Closes {
+            pool: "closes-unit".into(),
+            seen: arc_swap::ArcSwap::default(),
+        };
+        let clean = ("client", "1000", "closed");
+        for _ in 0..3 {
+            closes.increment(clean);
+        }
+        closes.increment(("wsgate", "1001", "idle"));
+        assert_eq!(closes.seen.load().len(), 2);
+        let series: Vec<_> = samples(&handle.render(), CLOSES)
+            .into_iter()
+            .filter(|(labels, _)| {
+                labels
+                    .iter()
+                    .any(|(k, v)| k == "pool" && v == "closes-unit")
+            })
+            .map(|(labels, value)| {
+                (
+                    labels.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+                    value,
+                )
+            })
+            .collect();
+        assert_eq!(series.len(), 2, "{series:?}");
+        for (labels, value) in series {
+            let want = if labels.contains(&"idle".to_string()) {
+                1.0
+            } else {
+                3.0
+            };
+            assert_eq!(value, want, "{labels:?}");
+        }
     }
 
     #[test]

@@ -635,6 +635,7 @@ impl<B: RelayIo> Prepared<B> {
             guards,
             meter,
         } = self;
+        let now = Instant::now();
         let tunnel = Box::new(Tunnel {
             client,
             backend,
@@ -644,10 +645,10 @@ impl<B: RelayIo> Prepared<B> {
             up: Flow::new(limits.max_message_size, limits.rules(Side::Client)),
             down: Flow::new(limits.max_message_size, limits.rules(Side::Backend)),
             first_close: None,
-            last_activity: Instant::now(),
+            last_activity: now,
             first_close_at: None,
             closing: None,
-            opened: Instant::now(),
+            opened: now,
         });
         (tunnel, backend_early)
     }

@@ -78,20 +78,31 @@ pub async fn accept_loop<F, Fut>(
     }
     let mut backoff = Backoff::new(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
     let mut spare = descriptors::Spare::new();
+    // One wait on the stop signal for the loop's life, looked at only when the
+    // step at hand has to wait: a client already queued is taken without joining
+    // the signal's waiters and leaving them again. A flood that never lets the
+    // accept wait still sees the stop at the top of each pass.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
+        if stop.is_cancelled() {
+            return;
+        }
         let permit = match &permits {
             None => None,
             Some(permits) => tokio::select! {
-                _ = stop.cancelled() => return,
+                biased;
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(p) => Some(p),
                     Err(_) => return,
                 },
+                _ = &mut stopped => return,
             },
         };
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            biased;
             accepted = listener.accept() => accepted,
+            _ = &mut stopped => return,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -266,19 +266,19 @@ async fn attempt_one(
     };
     let addr = || guard.backend().addr.clone();
     let connecting = connect_sending(&guard.backend().addr, first);
-    let (stream, sent) = match timeout(settings.connect_timeout, connecting).await {
-        Ok(Ok(connected)) => connected,
-        Ok(Err(source)) if crate::descriptors::exhausted(&source) => {
+    let (stream, sent) = match crate::timing::within(settings.connect_timeout, connecting).await {
+        Some(Ok(connected)) => connected,
+        Some(Err(source)) if crate::descriptors::exhausted(&source) => {
             crate::descriptors::note("connect", &source);
             return Err(UpstreamError::OutOfDescriptors);
         }
-        Ok(Err(source)) => {
+        Some(Err(source)) => {
             return Err(UpstreamError::Connect {
                 addr: addr(),
                 source,
             });
         }
-        Err(_) => return Err(UpstreamError::ConnectTimeout { addr: addr() }),
+        None => return Err(UpstreamError::ConnectTimeout { addr: addr() }),
     };
     let addr = addr();
     let shaken = async {
