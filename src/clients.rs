@@ -189,7 +189,10 @@ fn canonical_addr(addr: SocketAddr) -> SocketAddr {
 /// The X-Forwarded-For a backend is told: the chain a trusted client sent with the
 /// client appended; from anyone else, the client alone.
 pub fn forwarded_for(earlier: Option<&str>, peer: &Peer) -> String {
-    let client = canonical(peer.client.ip()).to_string();
+    use std::fmt::Write;
+    // Room for the longest address: an IPv4 address is written a part at a time.
+    let mut client = String::with_capacity(45);
+    let _ = write!(client, "{}", canonical(peer.client.ip()));
     match earlier {
         Some(chain) if peer.trusted && !chain.trim().is_empty() => format!("{chain}, {client}"),
         _ => client,

@@ -181,7 +181,8 @@ fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
     let Some(uri) = path.and_then(|p| http::Uri::from_maybe_shared(p).ok()) else {
         return Err(NotOurs::Other);
     };
-    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for the X-Forwarded-* headers the backend's request adds.
+    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 4);
     for h in parsed.headers.iter() {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),

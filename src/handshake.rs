@@ -491,9 +491,10 @@ impl Offer {
     /// The reason when it fails.
     pub fn check(&self, head: &http::response::Parts) -> Result<(), &'static str> {
         let headers = &head.headers;
-        let upgrade: Vec<&str> = items(headers, header::UPGRADE).collect();
-        if upgrade.len() != 1 || !upgrade[0].eq_ignore_ascii_case("websocket") {
-            return Err("the 101 does not upgrade to websocket");
+        let mut upgrade = items(headers, header::UPGRADE);
+        match (upgrade.next(), upgrade.next()) {
+            (Some(only), None) if only.eq_ignore_ascii_case("websocket") => {}
+            _ => return Err("the 101 does not upgrade to websocket"),
         }
         if !has_token(headers, header::CONNECTION, "upgrade") {
             return Err("the 101 has no Connection: upgrade");

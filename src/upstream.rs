@@ -420,7 +420,7 @@ where
         .await
         .map_err(|e| unreadable(format!("sending the upgrade: {e}")))?;
     let mut buf = bytes::BytesMut::with_capacity(1024);
-    let (head, len) = loop {
+    let (head, rest) = loop {
         let n = stream
             .read_buf(&mut buf)
             .await
@@ -430,14 +430,18 @@ where
                 "the connection closed before a whole answer".into(),
             ));
         }
-        match parse_head(&buf) {
-            Ok(Some(parsed)) => break parsed,
+        match find_head(&buf) {
+            Ok(Some((at, len))) => {
+                // The header values and what came behind the head are slices of
+                // what was read, not copies.
+                let read = std::mem::take(&mut buf).freeze();
+                break (at.parts(&read).map_err(unreadable)?, read.slice(len..));
+            }
             Ok(None) if buf.len() < MAX_HEAD => {}
             Ok(None) => return Err(unreadable("an answer head over 64 KiB".into())),
             Err(why) => return Err(unreadable(why)),
         }
     };
-    let rest = buf.split_off(len);
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
         // A 101 the client would have to refuse never reaches it: this backend
         // failed, and the next may be asked.
@@ -447,14 +451,14 @@ where
         return Ok(Answer::Upgraded(Upgraded {
             index,
             stream: stream.into_backend(),
-            early: rest.freeze(),
+            early: rest,
             head,
             guard,
         }));
     }
     // A body too long or cut short still answers the client with the backend's
     // status; its text is dropped.
-    let body = read_body(&mut stream, &head, rest)
+    let body = read_body(&mut stream, &head, bytes::BytesMut::from(rest))
         .await
         .unwrap_or_default();
     drop(guard);
@@ -492,9 +496,22 @@ fn encode_request(request: &Request<Empty<Bytes>>) -> Vec<u8> {
     out
 }
 
-/// A whole response head in `buf`: its parts and length; `None` while partial.
-fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+/// Where a whole response head's parts lie in what was read: found in one parse,
+/// taken out (as slices, no copies) once the bytes are frozen.
+struct HeadAt {
+    status: StatusCode,
+    /// Each header's name and value, as ranges of the bytes read.
+    headers: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+}
+
+/// Headers a backend's answer may have.
+const MAX_HEADERS: usize = 64;
+
+/// A whole response head at the start of `buf`: where its parts are, and its
+/// length; `None` while partial.
+fn find_head(buf: &[u8]) -> Result<Option<(HeadAt, usize)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -508,18 +525,51 @@ fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, Stri
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or("an answer without a valid status")?;
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    let map = response.headers_mut();
-    map.reserve(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = http::HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("a bad header name {:?}", h.name))?;
-        let value = http::HeaderValue::from_bytes(h.value)
-            .map_err(|_| format!("a bad value for {}", h.name))?;
-        map.append(name, value);
+    let base = buf.as_ptr() as usize;
+    let at = |part: &[u8]| {
+        let start = part.as_ptr() as usize - base;
+        // Within `buf`, whose length a u32 holds (MAX_HEAD and one read more).
+        (start as u32, (start + part.len()) as u32)
+    };
+    let mut found = HeadAt {
+        status,
+        headers: [(0, 0, 0, 0); MAX_HEADERS],
+        count: parsed.headers.len(),
+    };
+    for (slot, h) in found.headers.iter_mut().zip(parsed.headers.iter()) {
+        let (name, value) = (at(h.name.as_bytes()), at(h.value));
+        *slot = (name.0, name.1, value.0, value.1);
     }
-    Ok(Some((response.into_parts().0, len)))
+    Ok(Some((found, len)))
+}
+
+impl HeadAt {
+    /// The head's parts, its values slices of `read` (the bytes it was found in).
+    fn parts(&self, read: &Bytes) -> Result<http::response::Parts, String> {
+        let mut response = Response::new(());
+        *response.status_mut() = self.status;
+        let map = response.headers_mut();
+        map.reserve(self.count);
+        for &(name_from, name_to, from, to) in &self.headers[..self.count] {
+            let name = &read[name_from as usize..name_to as usize];
+            let name = http::HeaderName::from_bytes(name)
+                .map_err(|_| format!("a bad header name {:?}", String::from_utf8_lossy(name)))?;
+            let value = read.slice(from as usize..to as usize);
+            let value = http::HeaderValue::from_maybe_shared(value)
+                .map_err(|_| format!("a bad value for {name}"))?;
+            map.append(name, value);
+        }
+        Ok(response.into_parts().0)
+    }
+}
+
+/// A whole response head in `buf`: its parts and length; `None` while partial.
+#[cfg(test)]
+fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, String> {
+    let Some((at, len)) = find_head(buf)? else {
+        return Ok(None);
+    };
+    Ok(Some((at.parts(&Bytes::copy_from_slice(buf))?, len)))
 }
 
 /// A declining answer's body, at most [`MAX_ERROR_BODY`]: by Content-Length,
