@@ -60,21 +60,20 @@ pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) -> Option<
         &shared.stopping,
     )
     .await;
-    let read = match head {
+    // The request's path and header values are slices of `read`.
+    let (read, req, head_len) = match head {
         Err(NotOurs::Gone) => return None,
         Err(NotOurs::Other) => {
             hyper_serves(stream, buf.freeze(), conn, shared).await;
             return None;
         }
-        Ok(read) => read,
-    };
-    // The request's path and header values are slices of `read`.
-    let (req, head_len) = match parse(&read) {
-        Ok(upgrade) => upgrade,
-        Err(_) => {
-            hyper_serves(stream, read, conn, shared).await;
-            return None;
-        }
+        Ok((read, at, len)) => match at.request(&read) {
+            Ok(req) => (read, req, len),
+            Err(_) => {
+                hyper_serves(stream, read, conn, shared).await;
+                return None;
+            }
+        },
     };
     // What the client sent behind its request, in an allocation of its own: the
     // head's buffer is not kept for the tunnel's life.
@@ -118,14 +117,15 @@ enum NotOurs {
 }
 
 /// Reads until the request head is complete, within `deadline` and
-/// `max_header_bytes`: everything read so far, the head at its start.
+/// `max_header_bytes`: everything read so far (the head at its start), where the
+/// head's parts lie in it, and the head's length.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
     max_header_bytes: usize,
     stopping: &CancellationToken,
-) -> Result<Bytes, NotOurs> {
+) -> Result<(Bytes, RequestAt, usize), NotOurs> {
     use tokio::io::AsyncReadExt;
     // Bounded: every pass reads at least one byte of at most max_header_bytes,
     // and the deadline ends it.
@@ -148,62 +148,100 @@ async fn read_head(
             Some(Ok(0)) | Some(Err(_)) | None => return Err(NotOurs::Gone),
             Some(Ok(_)) => {}
         }
-        if whole(buf)? {
-            return Ok(buf.split().freeze());
+        if let Some((at, len)) = find(buf)? {
+            return Ok((std::mem::take(buf).freeze(), at, len));
         }
     }
 }
 
-/// Whether `buf` holds a whole request head (an error: one hyper must answer).
-fn whole(buf: &[u8]) -> Result<bool, NotOurs> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(buf) {
-        Ok(status) => Ok(status.is_complete()),
-        Err(_) => Err(NotOurs::Other),
-    }
+/// Where a whole request head's parts lie in the bytes read: found in one parse,
+/// taken out as slices once the bytes are frozen ([`RequestAt::request`]).
+struct RequestAt {
+    /// `GET` over HTTP/1.1.
+    get_11: bool,
+    path: (u32, u32),
+    /// Each header's name and value, as ranges of the bytes read.
+    headers: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
 }
 
-/// The whole request head at the start of `buf`, if it is a WebSocket upgrade
-/// this path takes: a `GET` over HTTP/1.1 asking for `websocket`, without a
-/// body, with every part valid as hyper would read it; and the head's length.
-/// Its path and header values are slices of `buf`, as hyper's are of its buffer.
-fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
+/// Where the parts of the whole request head at the start of `buf` lie, and its
+/// length; `None` while partial (an error: one hyper must answer).
+fn find(buf: &[u8]) -> Result<Option<(RequestAt, usize)>, NotOurs> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) | Err(_) => return Err(NotOurs::Other),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(NotOurs::Other),
     };
-    if parsed.method != Some("GET") || parsed.version != Some(1) {
-        return Err(NotOurs::Other);
+    let base = buf.as_ptr() as usize;
+    // Within `buf`, which is at most max_header_bytes and one read more.
+    let at = |part: &[u8]| {
+        let start = part.as_ptr() as usize - base;
+        (start as u32, (start + part.len()) as u32)
+    };
+    let mut found = RequestAt {
+        get_11: parsed.method == Some("GET") && parsed.version == Some(1),
+        path: parsed.path.map_or((0, 0), |p| at(p.as_bytes())),
+        headers: [(0, 0, 0, 0); MAX_HEADERS],
+        count: parsed.headers.len(),
+    };
+    for (slot, h) in found.headers.iter_mut().zip(parsed.headers.iter()) {
+        let (name, value) = (at(h.name.as_bytes()), at(h.value));
+        *slot = (name.0, name.1, value.0, value.1);
     }
-    let path = parsed.path.map(|p| buf.slice_ref(p.as_bytes()));
-    let Some(uri) = path.and_then(|p| http::Uri::from_maybe_shared(p).ok()) else {
-        return Err(NotOurs::Other);
-    };
-    // Room for the X-Forwarded-* headers the backend's request adds.
-    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 4);
-    for h in parsed.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_maybe_shared(buf.slice_ref(h.value)),
-        ) else {
-            return Err(NotOurs::Other);
-        };
-        // A body (or a claim of one) is hyper's to read and refuse.
-        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+    Ok(Some((found, len)))
+}
+
+/// The whole request head at the start of `buf`, if it is a WebSocket upgrade
+/// this path takes, and the head's length.
+#[cfg(test)]
+fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
+    match find(buf)? {
+        Some((at, len)) => Ok((at.request(buf)?, len)),
+        None => Err(NotOurs::Other),
+    }
+}
+
+impl RequestAt {
+    /// The request, if it is a WebSocket upgrade this path takes: a `GET` over
+    /// HTTP/1.1 asking for `websocket`, without a body, with every part valid as
+    /// hyper would read it. Its path and header values are slices of `read` (the
+    /// bytes it was found in), as hyper's are of its buffer.
+    fn request(self, read: &Bytes) -> Result<Request<()>, NotOurs> {
+        if !self.get_11 {
             return Err(NotOurs::Other);
         }
-        map.append(name, value);
+        let range = |(from, to): (u32, u32)| from as usize..to as usize;
+        let path = read.slice(range(self.path));
+        let Ok(uri) = http::Uri::from_maybe_shared(path) else {
+            return Err(NotOurs::Other);
+        };
+        // Room for the X-Forwarded-* headers the backend's request adds.
+        let mut map = HeaderMap::with_capacity(self.count + 4);
+        for &(name_from, name_to, from, to) in &self.headers[..self.count] {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&read[range((name_from, name_to))]),
+                HeaderValue::from_maybe_shared(read.slice(range((from, to)))),
+            ) else {
+                return Err(NotOurs::Other);
+            };
+            // A body (or a claim of one) is hyper's to read and refuse.
+            if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+                return Err(NotOurs::Other);
+            }
+            map.append(name, value);
+        }
+        let mut req = Request::new(());
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = map;
+        if !handshake::is_upgrade(&req) {
+            return Err(NotOurs::Other);
+        }
+        Ok(req)
     }
-    let mut req = Request::new(());
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = map;
-    if !handshake::is_upgrade(&req) {
-        return Err(NotOurs::Other);
-    }
-    Ok((req, len))
 }
 
 /// Whether a message ends its connection (`Connection: close`).
@@ -358,7 +396,7 @@ mod tests {
         let text = upgrade("");
         let mut bytes = text.clone().into_bytes();
         bytes.extend_from_slice(b"\x81\x80early");
-        assert_eq!(whole(&bytes).ok(), Some(true));
+        assert!(matches!(find(&bytes), Ok(Some(_))));
         match parse(&Bytes::from(bytes)) {
             Ok((req, len)) => {
                 assert_eq!(len, text.len());
@@ -375,7 +413,7 @@ mod tests {
     fn a_head_cut_short_waits_for_more() {
         let text = upgrade("");
         for cut in [1, 10, text.len() - 2] {
-            assert_eq!(whole(&text.as_bytes()[..cut]).ok(), Some(false), "{cut}");
+            assert!(matches!(find(&text.as_bytes()[..cut]), Ok(None)), "{cut}");
         }
     }
 
@@ -437,12 +475,13 @@ mod tests {
             cut in 0usize..2_000,
             behind in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
         ) {
-            let _ = whole(&junk);
+            let _ = find(&junk);
             let _ = parse(&Bytes::from(junk));
             let text = upgrade("X-Extra: 1\r\n");
             let cut = cut.min(text.len());
             let head = &text.as_bytes()[..cut];
-            proptest::prop_assert_eq!(whole(head).ok(), Some(cut == text.len()));
+            let whole = find(head).ok().map(|found| found.is_some());
+            proptest::prop_assert_eq!(whole, Some(cut == text.len()));
             let mut more = text.clone().into_bytes();
             more.extend_from_slice(&behind);
             let taken = parse(&Bytes::from(more)).ok().map(|(_, len)| len);
