@@ -51,6 +51,10 @@ pub struct Wave {
     spread_ms: AtomicU64,
     /// The age a nudged tunnel must have to close (rebalance `min_age`).
     min_age_ms: AtomicU64,
+    /// Counts the starts and nudges that reached this wave's waiters: a tunnel
+    /// looks at its wait (which takes the waiters' lock, shared by every tunnel
+    /// of the backend) only when this moved since it last looked.
+    signals: AtomicU64,
 }
 
 impl Wave {
@@ -65,6 +69,7 @@ impl Wave {
             total: AtomicU64::new(0),
             spread_ms: AtomicU64::new(0),
             min_age_ms: AtomicU64::new(0),
+            signals: AtomicU64::new(0),
         }
     }
 
@@ -91,11 +96,24 @@ impl Wave {
             .store(spread.as_millis() as u64, Ordering::Relaxed);
         self.next_slot.store(0, Ordering::Relaxed);
         self.started.store(true, Ordering::Release);
-        self.notify.notify_waiters();
+        self.signal();
         let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         for child in children.iter().filter_map(Weak::upgrade) {
-            child.notify.notify_waiters();
+            child.signal();
         }
+    }
+
+    /// Wakes every waiter, counted first (see [`Wave::signals`]).
+    fn signal(&self) {
+        self.signals.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// How many starts and nudges have reached this wave's waiters. Counted before
+    /// the waiters are woken: a tunnel woken by one finds the count moved, and
+    /// one that finds it where it last looked has missed nothing.
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Ordering::Acquire)
     }
 
     /// Started, itself or through its parent.
@@ -108,6 +126,7 @@ impl Wave {
     pub fn nudge(&self, min_age: Duration) {
         self.min_age_ms
             .store(min_age.as_millis() as u64, Ordering::Relaxed);
+        self.signals.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_one();
     }
 

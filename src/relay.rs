@@ -649,6 +649,7 @@ impl<B: RelayIo> Prepared<B> {
             first_close_at: None,
             closing: None,
             opened: now,
+            wave_heard: None,
         });
         (tunnel, backend_early)
     }
@@ -676,6 +677,9 @@ struct Tunnel<C, B> {
     closing: Option<(End, Instant)>,
     /// When the tunnel opened: a rebalance closes only tunnels old enough.
     opened: Instant,
+    /// The wave's signal count when the tunnel last looked at its wait on it
+    /// (`None`: a wait not looked at yet, so not yet among the wave's waiters).
+    wave_heard: Option<u64>,
 }
 
 /// What woke the relay.
@@ -809,7 +813,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             let event = if watch_wave && wave.is_started() {
                 Event::Wave
             } else {
-                self.next_event(client_first, watch_wave, &mut waiting, &mut timer)
+                let wave = watch_wave.then_some(wave);
+                self.next_event(client_first, wave, &mut waiting, &mut timer)
                     .await
             };
             let ended = match event {
@@ -830,6 +835,7 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
                     Order::CloseIfOlder(_) => {
                         // Too young: wait again, behind the others.
                         waiting.set(wave.wait());
+                        self.wave_heard = None;
                         None
                     }
                 },
@@ -846,28 +852,41 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
     }
 
     /// Waits for the next thing to do; a readable side is read and forwarded
-    /// right here, in the same poll.
-    async fn next_event(
-        &mut self,
+    /// right here, in the same poll. Not an async fn: its future is the poll
+    /// function alone, without a copy of the arguments beside it (the relay's
+    /// state is part of every idle tunnel's task).
+    fn next_event<'a>(
+        &'a mut self,
         client_first: bool,
-        watch_wave: bool,
-        cancelled: &mut Pin<&mut impl Future<Output = ()>>,
-        timer: &mut Pin<&mut tokio::time::Sleep>,
-    ) -> Event {
+        wave: Option<&'a Wave>,
+        cancelled: &'a mut Pin<&mut impl Future<Output = ()>>,
+        timer: &'a mut Pin<&mut tokio::time::Sleep>,
+    ) -> impl Future<Output = Event> + 'a {
         let Tunnel {
             client,
             backend,
             up,
             down,
+            wave_heard,
             ..
         } = self;
         let read_client = !up.eof && up.pending.is_empty();
         let read_backend = !down.eof && down.pending.is_empty();
         let flush_backend = !up.pending.is_empty();
         let flush_client = !down.pending.is_empty();
-        std::future::poll_fn(|cx| {
-            if watch_wave && cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Wave);
+        std::future::poll_fn(move |cx| {
+            // Looked at once to join the waiters, then only when a start or a
+            // nudge came since: polling a wait already joined takes the lock
+            // every tunnel of the backend shares, and the task's waker stays the
+            // one it joined with.
+            if let Some(wave) = wave {
+                let signals = wave.signals();
+                if *wave_heard != Some(signals) {
+                    *wave_heard = Some(signals);
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Wave);
+                    }
+                }
             }
             for client_turn in [client_first, !client_first] {
                 if client_turn
@@ -898,7 +917,6 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             }
             Poll::Pending
         })
-        .await
     }
 
     /// The timer fired: the wave's slot came, the close deadline passed, or the
