@@ -67,13 +67,19 @@ pub async fn serve(mut stream: TcpStream, conn: Conn, shared: Shared) -> Option<
             hyper_serves(stream, buf.freeze(), conn, shared).await;
             return None;
         }
-        Ok((read, at, len)) => match at.request(&read) {
-            Ok(req) => (read, req, len),
-            Err(_) => {
-                hyper_serves(stream, read, conn, shared).await;
-                return None;
-            }
-        },
+        Ok(Head {
+            read,
+            request: None,
+            ..
+        }) => {
+            hyper_serves(stream, read, conn, shared).await;
+            return None;
+        }
+        Ok(Head {
+            read,
+            request: Some(req),
+            len,
+        }) => (read, req, len),
     };
     // What the client sent behind its request, in an allocation of its own: the
     // head's buffer is not kept for the tunnel's life.
@@ -117,15 +123,14 @@ enum NotOurs {
 }
 
 /// Reads until the request head is complete, within `deadline` and
-/// `max_header_bytes`: everything read so far (the head at its start), where the
-/// head's parts lie in it, and the head's length.
+/// `max_header_bytes`.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
     max_header_bytes: usize,
     stopping: &CancellationToken,
-) -> Result<(Bytes, RequestAt, usize), NotOurs> {
+) -> Result<Head, NotOurs> {
     use tokio::io::AsyncReadExt;
     // Bounded: every pass reads at least one byte of at most max_header_bytes,
     // and the deadline ends it.
@@ -148,26 +153,30 @@ async fn read_head(
             Some(Ok(0)) | Some(Err(_)) | None => return Err(NotOurs::Gone),
             Some(Ok(_)) => {}
         }
-        if let Some((at, len)) = find(buf)? {
-            return Ok((std::mem::take(buf).freeze(), at, len));
+        if let Some(head) = take(buf)? {
+            return Ok(head);
         }
     }
 }
 
-/// Where a whole request head's parts lie in the bytes read: found in one parse,
-/// taken out as slices once the bytes are frozen ([`RequestAt::request`]).
-struct RequestAt {
-    /// `GET` over HTTP/1.1.
-    get_11: bool,
-    path: (u32, u32),
-    /// Each header's name and value, as ranges of the bytes read.
-    headers: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
+/// Where a part lies in the bytes read: from, to.
+type Span = (u32, u32);
+
+/// A whole request head, read.
+struct Head {
+    /// Everything read so far, the head at its start.
+    read: Bytes,
+    /// The request, when it is a WebSocket upgrade this path takes (else hyper's).
+    request: Option<Request<()>>,
+    /// The head's length.
+    len: usize,
 }
 
-/// Where the parts of the whole request head at the start of `buf` lie, and its
-/// length; `None` while partial (an error: one hyper must answer).
-fn find(buf: &[u8]) -> Result<Option<(RequestAt, usize)>, NotOurs> {
+/// Takes the whole request head at the start of `buf` (all of `buf`, frozen),
+/// parsed once: `None` while partial (an error: one hyper must answer). Where
+/// the path and each header lie is kept on this function's stack, and the
+/// request is built from slices of the frozen bytes, not copies.
+fn take(buf: &mut BytesMut) -> Result<Option<Head>, NotOurs> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
@@ -181,66 +190,66 @@ fn find(buf: &[u8]) -> Result<Option<(RequestAt, usize)>, NotOurs> {
         let start = part.as_ptr() as usize - base;
         (start as u32, (start + part.len()) as u32)
     };
-    let mut found = RequestAt {
-        get_11: parsed.method == Some("GET") && parsed.version == Some(1),
-        path: parsed.path.map_or((0, 0), |p| at(p.as_bytes())),
-        headers: [(0, 0, 0, 0); MAX_HEADERS],
-        count: parsed.headers.len(),
-    };
-    for (slot, h) in found.headers.iter_mut().zip(parsed.headers.iter()) {
-        let (name, value) = (at(h.name.as_bytes()), at(h.value));
-        *slot = (name.0, name.1, value.0, value.1);
+    let get_11 = parsed.method == Some("GET") && parsed.version == Some(1);
+    let path = parsed.path.map_or((0, 0), |p| at(p.as_bytes()));
+    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+        *slot = (at(h.name.as_bytes()), at(h.value));
     }
-    Ok(Some((found, len)))
+    let read = std::mem::take(buf).freeze();
+    let request = get_11
+        .then(|| request(&read, path, &fields[..count]))
+        .flatten();
+    Ok(Some(Head { read, request, len }))
+}
+
+/// The request whose path and headers lie at these places in `read`, if it is a
+/// WebSocket upgrade this path takes: asking for `websocket`, without a body,
+/// with every part valid as hyper would read it. Its path and header values are
+/// slices of `read`, as hyper's are of its buffer.
+fn request(
+    read: &Bytes,
+    path: Span,
+    fields: &[(Span, Span)],
+) -> Option<Request<()>> {
+    let range = |(from, to): Span| from as usize..to as usize;
+    let uri = http::Uri::from_maybe_shared(read.slice(range(path))).ok()?;
+    // Room for the X-Forwarded-* headers the backend's request adds.
+    let mut map = HeaderMap::with_capacity(fields.len() + 4);
+    for &(name, value) in fields {
+        let name = HeaderName::from_bytes(&read[range(name)]).ok()?;
+        let value = HeaderValue::from_maybe_shared(read.slice(range(value))).ok()?;
+        // A body (or a claim of one) is hyper's to read and refuse.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            return None;
+        }
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = map;
+    handshake::is_upgrade(&req).then_some(req)
+}
+
+/// Whether `buf` holds a whole request head (an error: one hyper must answer).
+#[cfg(test)]
+fn whole(buf: &[u8]) -> Result<bool, NotOurs> {
+    Ok(take(&mut BytesMut::from(buf))?.is_some())
 }
 
 /// The whole request head at the start of `buf`, if it is a WebSocket upgrade
 /// this path takes, and the head's length.
 #[cfg(test)]
 fn parse(buf: &Bytes) -> Result<(Request<()>, usize), NotOurs> {
-    match find(buf)? {
-        Some((at, len)) => Ok((at.request(buf)?, len)),
-        None => Err(NotOurs::Other),
-    }
-}
-
-impl RequestAt {
-    /// The request, if it is a WebSocket upgrade this path takes: a `GET` over
-    /// HTTP/1.1 asking for `websocket`, without a body, with every part valid as
-    /// hyper would read it. Its path and header values are slices of `read` (the
-    /// bytes it was found in), as hyper's are of its buffer.
-    fn request(self, read: &Bytes) -> Result<Request<()>, NotOurs> {
-        if !self.get_11 {
-            return Err(NotOurs::Other);
-        }
-        let range = |(from, to): (u32, u32)| from as usize..to as usize;
-        let path = read.slice(range(self.path));
-        let Ok(uri) = http::Uri::from_maybe_shared(path) else {
-            return Err(NotOurs::Other);
-        };
-        // Room for the X-Forwarded-* headers the backend's request adds.
-        let mut map = HeaderMap::with_capacity(self.count + 4);
-        for &(name_from, name_to, from, to) in &self.headers[..self.count] {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(&read[range((name_from, name_to))]),
-                HeaderValue::from_maybe_shared(read.slice(range((from, to)))),
-            ) else {
-                return Err(NotOurs::Other);
-            };
-            // A body (or a claim of one) is hyper's to read and refuse.
-            if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
-                return Err(NotOurs::Other);
-            }
-            map.append(name, value);
-        }
-        let mut req = Request::new(());
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = map;
-        if !handshake::is_upgrade(&req) {
-            return Err(NotOurs::Other);
-        }
-        Ok(req)
+    match take(&mut BytesMut::from(&buf[..]))? {
+        Some(Head {
+            request: Some(req),
+            len,
+            ..
+        }) => Ok((req, len)),
+        _ => Err(NotOurs::Other),
     }
 }
 
@@ -396,7 +405,7 @@ mod tests {
         let text = upgrade("");
         let mut bytes = text.clone().into_bytes();
         bytes.extend_from_slice(b"\x81\x80early");
-        assert!(matches!(find(&bytes), Ok(Some(_))));
+        assert_eq!(whole(&bytes).ok(), Some(true));
         match parse(&Bytes::from(bytes)) {
             Ok((req, len)) => {
                 assert_eq!(len, text.len());
@@ -413,7 +422,7 @@ mod tests {
     fn a_head_cut_short_waits_for_more() {
         let text = upgrade("");
         for cut in [1, 10, text.len() - 2] {
-            assert!(matches!(find(&text.as_bytes()[..cut]), Ok(None)), "{cut}");
+            assert_eq!(whole(&text.as_bytes()[..cut]).ok(), Some(false), "{cut}");
         }
     }
 
@@ -475,13 +484,12 @@ mod tests {
             cut in 0usize..2_000,
             behind in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
         ) {
-            let _ = find(&junk);
+            let _ = whole(&junk);
             let _ = parse(&Bytes::from(junk));
             let text = upgrade("X-Extra: 1\r\n");
             let cut = cut.min(text.len());
             let head = &text.as_bytes()[..cut];
-            let whole = find(head).ok().map(|found| found.is_some());
-            proptest::prop_assert_eq!(whole, Some(cut == text.len()));
+            proptest::prop_assert_eq!(whole(head).ok(), Some(cut == text.len()));
             let mut more = text.clone().into_bytes();
             more.extend_from_slice(&behind);
             let taken = parse(&Bytes::from(more)).ok().map(|(_, len)| len);

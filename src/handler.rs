@@ -307,9 +307,15 @@ async fn upgrade_request<B>(mut req: Request<B>, conn: &Conn, shared: &Shared) -
     );
     let instances = shared.cluster.instances();
     let in_flight = crate::balancer::InFlight::new(shared.state.peers());
-    let accepted = upgrade(&mut req, conn, &snapshot, &shared.per_ip, &span, instances)
-        .instrument(span.clone())
-        .await;
+    let accepted = if span.is_disabled() {
+        // Debug logging off: the upgrade's future is awaited as it is, not moved
+        // into a wrapper (kilobytes copied) that enters a disabled span per poll.
+        upgrade(&mut req, conn, &snapshot, &shared.per_ip, &span, instances).await
+    } else {
+        upgrade(&mut req, conn, &snapshot, &shared.per_ip, &span, instances)
+            .instrument(span.clone())
+            .await
+    };
     drop(in_flight);
     match accepted {
         // Caught mid-handshake by the shutdown: the backend's tunnel is dropped

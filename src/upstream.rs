@@ -430,13 +430,8 @@ where
                 "the connection closed before a whole answer".into(),
             ));
         }
-        match find_head(&buf) {
-            Ok(Some((at, len))) => {
-                // The header values and what came behind the head are slices of
-                // what was read, not copies.
-                let read = std::mem::take(&mut buf).freeze();
-                break (at.parts(&read).map_err(unreadable)?, read.slice(len..));
-            }
+        match take_head(&mut buf) {
+            Ok(Some(taken)) => break taken,
             Ok(None) if buf.len() < MAX_HEAD => {}
             Ok(None) => return Err(unreadable("an answer head over 64 KiB".into())),
             Err(why) => return Err(unreadable(why)),
@@ -496,21 +491,14 @@ fn encode_request(request: &Request<Empty<Bytes>>) -> Vec<u8> {
     out
 }
 
-/// Where a whole response head's parts lie in what was read: found in one parse,
-/// taken out (as slices, no copies) once the bytes are frozen.
-struct HeadAt {
-    status: StatusCode,
-    /// Each header's name and value, as ranges of the bytes read.
-    headers: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
-}
-
 /// Headers a backend's answer may have.
 const MAX_HEADERS: usize = 64;
 
-/// A whole response head at the start of `buf`: where its parts are, and its
-/// length; `None` while partial.
-fn find_head(buf: &[u8]) -> Result<Option<(HeadAt, usize)>, String> {
+/// Takes the whole response head at the start of `buf` (all of `buf`, frozen),
+/// parsed once: its parts and the bytes behind it; `None` while partial. Where
+/// each header lies is kept on this function's stack, and the values are slices
+/// of the frozen bytes, not copies.
+fn take_head(buf: &mut bytes::BytesMut) -> Result<Option<(http::response::Parts, Bytes)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let len = match parsed.parse(buf) {
@@ -531,45 +519,35 @@ fn find_head(buf: &[u8]) -> Result<Option<(HeadAt, usize)>, String> {
         // Within `buf`, whose length a u32 holds (MAX_HEAD and one read more).
         (start as u32, (start + part.len()) as u32)
     };
-    let mut found = HeadAt {
-        status,
-        headers: [(0, 0, 0, 0); MAX_HEADERS],
-        count: parsed.headers.len(),
-    };
-    for (slot, h) in found.headers.iter_mut().zip(parsed.headers.iter()) {
-        let (name, value) = (at(h.name.as_bytes()), at(h.value));
-        *slot = (name.0, name.1, value.0, value.1);
+    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+        *slot = (at(h.name.as_bytes()), at(h.value));
     }
-    Ok(Some((found, len)))
-}
-
-impl HeadAt {
-    /// The head's parts, its values slices of `read` (the bytes it was found in).
-    fn parts(&self, read: &Bytes) -> Result<http::response::Parts, String> {
-        let mut response = Response::new(());
-        *response.status_mut() = self.status;
-        let map = response.headers_mut();
-        map.reserve(self.count);
-        for &(name_from, name_to, from, to) in &self.headers[..self.count] {
-            let name = &read[name_from as usize..name_to as usize];
-            let name = http::HeaderName::from_bytes(name)
-                .map_err(|_| format!("a bad header name {:?}", String::from_utf8_lossy(name)))?;
-            let value = read.slice(from as usize..to as usize);
-            let value = http::HeaderValue::from_maybe_shared(value)
-                .map_err(|_| format!("a bad value for {name}"))?;
-            map.append(name, value);
-        }
-        Ok(response.into_parts().0)
+    let read = std::mem::take(buf).freeze();
+    let range = |(from, to): (u32, u32)| from as usize..to as usize;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let map = response.headers_mut();
+    map.reserve(count);
+    for &(name, value) in &fields[..count] {
+        let name = &read[range(name)];
+        let name = http::HeaderName::from_bytes(name)
+            .map_err(|_| format!("a bad header name {:?}", String::from_utf8_lossy(name)))?;
+        let value = http::HeaderValue::from_maybe_shared(read.slice(range(value)))
+            .map_err(|_| format!("a bad value for {name}"))?;
+        map.append(name, value);
     }
+    Ok(Some((response.into_parts().0, read.slice(len..))))
 }
 
 /// A whole response head in `buf`: its parts and length; `None` while partial.
 #[cfg(test)]
 fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, String> {
-    let Some((at, len)) = find_head(buf)? else {
+    let Some((head, rest)) = take_head(&mut bytes::BytesMut::from(buf))? else {
         return Ok(None);
     };
-    Ok(Some((at.parts(&Bytes::copy_from_slice(buf))?, len)))
+    Ok(Some((head, buf.len() - rest.len())))
 }
 
 /// A declining answer's body, at most [`MAX_ERROR_BODY`]: by Content-Length,
