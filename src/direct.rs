@@ -208,11 +208,7 @@ fn take(buf: &mut BytesMut) -> Result<Option<Head>, NotOurs> {
 /// WebSocket upgrade this path takes: asking for `websocket`, without a body,
 /// with every part valid as hyper would read it. Its path and header values are
 /// slices of `read`, as hyper's are of its buffer.
-fn request(
-    read: &Bytes,
-    path: Span,
-    fields: &[(Span, Span)],
-) -> Option<Request<()>> {
+fn request(read: &Bytes, path: Span, fields: &[(Span, Span)]) -> Option<Request<()>> {
     let range = |(from, to): Span| from as usize..to as usize;
     let uri = http::Uri::from_maybe_shared(read.slice(range(path))).ok()?;
     // Room for the X-Forwarded-* headers the backend's request adds.

@@ -268,7 +268,7 @@ fn is_websocket_key(key: &[u8]) -> bool {
 }
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and never pass through.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
