@@ -84,9 +84,27 @@ struct Figures {
 /// figures the total CPU over the total count.
 const ROUNDS: usize = 3;
 
+/// Rounds of the upgrades scenario: its ratios sit near 1, where three rounds of a
+/// few seconds move ±5% between runs here; twice the rounds halve what one slow
+/// phase of the machine can do to them.
+const UPGRADE_ROUNDS: usize = 6;
+
 /// Runs `scenario` on every target, round after round; returns per target the
 /// counts per round and the CPU seconds spent over all rounds.
 async fn rounds<F, Fut>(targets: &[Target], scenario: F) -> Vec<(Vec<u64>, Option<f64>)>
+where
+    F: Fn(Vec<SocketAddr>) -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    rounds_of(ROUNDS, targets, scenario).await
+}
+
+/// [`rounds`], `n` of them.
+async fn rounds_of<F, Fut>(
+    n: usize,
+    targets: &[Target],
+    scenario: F,
+) -> Vec<(Vec<u64>, Option<f64>)>
 where
     F: Fn(Vec<SocketAddr>) -> Fut,
     Fut: std::future::Future<Output = u64>,
@@ -95,7 +113,7 @@ where
         .iter()
         .map(|t| (Vec::new(), t.pid().map(|_| 0.0)))
         .collect();
-    for _ in 0..ROUNDS {
+    for _ in 0..n {
         for (i, target) in targets.iter().enumerate() {
             let before = target.pid().map(cpu_seconds);
             let n = scenario(target.addrs.clone()).await;
@@ -181,7 +199,7 @@ async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
     }
 
     eprintln!("upgrades ...");
-    let ups = rounds(targets, |a| async move {
+    let ups = rounds_of(UPGRADE_ROUNDS, targets, |a| async move {
         scenarios::upgrades(&a, 32, window).await
     })
     .await;
