@@ -579,7 +579,8 @@ fn main() {
             echo_server(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(3));
         }
         // One scenario against a running proxy, for profiling it:
-        // `cargo bench --bench loadgen -- upgrades 127.0.0.1:8080 10`.
+        // `cargo bench --bench loadgen -- upgrades 127.0.0.1:8080 10`
+        // (`throughput ADDR SECONDS 16384` for the 16 KiB row's shape).
         Some(scenario @ ("upgrades" | "throughput" | "latency")) => {
             let addr: SocketAddr = args
                 .get(1)
@@ -595,11 +596,18 @@ fn main() {
                         scenarios::upgrades(&[addr], 32, window).await as f64
                             / window.as_secs_f64()
                     ),
-                    "throughput" => format!(
-                        "{:.0} msgs/s",
-                        scenarios::throughput(&[addr], 200, 8, 64, window).await as f64
-                            / window.as_secs_f64()
-                    ),
+                    // A size after the seconds: the 16 KiB row's shape (50
+                    // connections, 2 in flight) instead of the 64 B one's.
+                    "throughput" => {
+                        let size: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
+                        let (conns, in_flight) = if size > 64 { (50, 2) } else { (200, 8) };
+                        format!(
+                            "{:.0} msgs/s",
+                            scenarios::throughput(&[addr], conns, in_flight, size, window).await
+                                as f64
+                                / window.as_secs_f64()
+                        )
+                    }
                     _ => format!(
                         "p99 {:?}",
                         percentile(&scenarios::latency(&[addr], 50, 20_000).await, 0.99)
