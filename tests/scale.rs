@@ -481,6 +481,25 @@ async fn redis_commands(redis: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Where a wsgate process's admin listener is, from its log.
+async fn admin_address(proxy: &ProxyProcess) -> SocketAddr {
+    proxy
+        .wait_logged("admin listening", 1, Duration::from_secs(10))
+        .await;
+    let log = proxy.log.lock().expect("log").clone();
+    log.iter()
+        .filter(|line| line.contains("admin listening"))
+        .find_map(|line| {
+            line.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the admin listener's address in the log")
+}
+
 /// This instance's view of the pool through its admin API: (connections,
 /// cluster connections) per backend.
 async fn backends_seen(admin: SocketAddr) -> Vec<(u64, u64)> {
@@ -506,20 +525,25 @@ async fn backends_seen(admin: SocketAddr) -> Vec<(u64, u64)> {
 async fn burst_through(instances: usize) -> Vec<usize> {
     let redis = RedisServer::start().await;
     let b = three().await;
-    let admins = free_addrs(instances).await;
+    // Every listener on port 0, the admin's read from the log: ports chosen
+    // beforehand and released could be taken by another instance's port-0 proxy
+    // listener before their own instance bound them (a run here saw an instance
+    // exit at start). A reload keeps an admin listener whose address is unchanged.
     let config = |id: usize, n: usize| {
         let list: Vec<_> = b[..n].iter().map(|b| (b.addr, 1)).collect();
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch_config = false\n[admin]\nlisten = \"{}\"\n{}{}{}",
-            admins[id],
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch_config = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}{}",
             route("/ws", "p"),
             pool("p", &list, ""),
             cluster(&redis.url(), &format!("i{id}"), "200ms")
         )
     };
     let mut proxies = Vec::new();
+    let mut admins = Vec::new();
     for id in 0..instances {
-        proxies.push(ProxyProcess::start_file(&config(id, 2)).await);
+        let proxy = ProxyProcess::start_file(&config(id, 2)).await;
+        admins.push(admin_address(&proxy).await);
+        proxies.push(proxy);
     }
     let mut held = Vec::new();
     for _ in 0..180 {
