@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{self, Conn, Shared};
-use crate::handshake;
+use crate::handshake::{self, Span, range};
 
 /// Headers an upgrade request may carry on this path; more go to hyper (which
 /// takes up to 100).
@@ -159,9 +159,6 @@ async fn read_head(
     }
 }
 
-/// Where a part lies in the bytes read: from, to.
-type Span = (u32, u32);
-
 /// A whole request head, read.
 struct Head {
     /// Everything read so far, the head at its start.
@@ -184,19 +181,12 @@ fn take(buf: &mut BytesMut) -> Result<Option<Head>, NotOurs> {
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(NotOurs::Other),
     };
-    let base = buf.as_ptr() as usize;
-    // Within `buf`, which is at most max_header_bytes and one read more.
-    let at = |part: &[u8]| {
-        let start = part.as_ptr() as usize - base;
-        (start as u32, (start + part.len()) as u32)
-    };
     let get_11 = parsed.method == Some("GET") && parsed.version == Some(1);
-    let path = parsed.path.map_or((0, 0), |p| at(p.as_bytes()));
+    let path = parsed
+        .path
+        .map_or((0, 0), |p| handshake::span_of(buf, p.as_bytes()));
     let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
-        *slot = (at(h.name.as_bytes()), at(h.value));
-    }
+    let count = handshake::header_spans(buf, parsed.headers, &mut fields);
     let read = std::mem::take(buf).freeze();
     let request = get_11
         .then(|| request(&read, path, &fields[..count]))
@@ -209,7 +199,6 @@ fn take(buf: &mut BytesMut) -> Result<Option<Head>, NotOurs> {
 /// with every part valid as hyper would read it. Its path and header values are
 /// slices of `read`, as hyper's are of its buffer.
 fn request(read: &Bytes, path: Span, fields: &[(Span, Span)]) -> Option<Request<()>> {
-    let range = |(from, to): Span| from as usize..to as usize;
     let uri = http::Uri::from_maybe_shared(read.slice(range(path))).ok()?;
     // Room for the X-Forwarded-* headers the backend's request adds.
     let mut map = HeaderMap::with_capacity(fields.len() + 4);

@@ -267,6 +267,36 @@ fn is_websocket_key(key: &[u8]) -> bool {
         && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
 }
 
+/// Where a part of a message head lies in the bytes it was read into: from, to.
+/// A head is parsed once into spans, and its values taken afterwards as slices
+/// of the frozen bytes (`direct::take`, `upstream::take_head`).
+pub type Span = (u32, u32);
+
+/// Each header's name and value as spans of `buf` (which `headers` were parsed
+/// from), written into `out`; how many. `buf` holds at most a head's limit (1
+/// MiB) and one read more, so a `u32` holds every offset.
+pub fn header_spans(
+    buf: &[u8],
+    headers: &[httparse::Header<'_>],
+    out: &mut [(Span, Span)],
+) -> usize {
+    for (slot, h) in out.iter_mut().zip(headers) {
+        *slot = (span_of(buf, h.name.as_bytes()), span_of(buf, h.value));
+    }
+    headers.len().min(out.len())
+}
+
+/// Where `part`, a slice of `buf`, lies in it.
+pub fn span_of(buf: &[u8], part: &[u8]) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start as u32, (start + part.len()) as u32)
+}
+
+/// A span as an index range.
+pub fn range((from, to): Span) -> std::ops::Range<usize> {
+    from as usize..to as usize
+}
+
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and never pass through.
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,

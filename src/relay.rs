@@ -427,9 +427,7 @@ impl Flow {
         // All of it taken: the FIN now. Else the rest waits in `pending` and the
         // FIN comes with the sender's, as for any other stream.
         if write_now(to, forward, &mut self.pending, fin_now)? && fin_now {
-            if let Err(e) = to.shutdown_write() {
-                tracing::debug!(error = %e, "shutdown after the closing handshake");
-            }
+            shutdown_write(to);
             self.fin_sent = true;
         }
         Ok(stop)
@@ -1059,12 +1057,13 @@ fn gone(end: End, error: &io::Error) -> End {
     end
 }
 
-/// Sends FIN: the peer has said all it will say, pass that on. (EOF is only taken
-/// with nothing pending.) A failure means the receiver is gone already, which its
+/// Sends FIN: the peer has said all it will say, or its close frame ended the
+/// closing handshake; pass that on. (EOF is only taken with nothing pending.) A
+/// failure means the receiver is gone already, which its
 /// own read or write reports next; there is nothing else to do about it here.
 fn shutdown_write<T: RelayIo>(stream: &mut T) {
     if let Err(e) = stream.shutdown_write() {
-        tracing::debug!(error = %e, "shutdown after EOF");
+        tracing::debug!(error = %e, "shutdown: the peer is gone already");
     }
 }
 

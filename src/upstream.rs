@@ -513,19 +513,10 @@ fn take_head(buf: &mut bytes::BytesMut) -> Result<Option<(http::response::Parts,
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or("an answer without a valid status")?;
-    let base = buf.as_ptr() as usize;
-    let at = |part: &[u8]| {
-        let start = part.as_ptr() as usize - base;
-        // Within `buf`, whose length a u32 holds (MAX_HEAD and one read more).
-        (start as u32, (start + part.len()) as u32)
-    };
     let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
-        *slot = (at(h.name.as_bytes()), at(h.value));
-    }
+    let count = handshake::header_spans(buf, parsed.headers, &mut fields);
     let read = std::mem::take(buf).freeze();
-    let range = |(from, to): (u32, u32)| from as usize..to as usize;
+    let range = handshake::range;
     let mut response = Response::new(());
     *response.status_mut() = status;
     let map = response.headers_mut();
