@@ -22,11 +22,14 @@ use crate::closing::Wave;
 use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
 
 /// What every backend of a gateway shares: the shutdown wave (the parent of
-/// their drain waves) and the signal that a count changed.
+/// their drain waves), the signal that a count changed and the one that a drain
+/// started.
 #[derive(Debug, Clone)]
 pub struct Env {
     pub root: Arc<Wave>,
     pub changed: Arc<CountsChanged>,
+    /// Wakes the drain task, which sleeps while nothing drains or rebalances.
+    pub drains: Arc<Notify>,
     /// The other instances, as the cluster task sees them.
     pub peers: Arc<Peers>,
 }
@@ -111,6 +114,7 @@ impl Default for Env {
         Env {
             root: Wave::root(),
             changed: Arc::default(),
+            drains: Arc::default(),
             peers: Arc::default(),
         }
     }
@@ -243,6 +247,8 @@ struct Drain {
     started: Option<Instant>,
     /// The shutdown wave, parent of every drain wave.
     root: Arc<Wave>,
+    /// Told when a drain starts ([`Env::drains`]).
+    wake: Arc<Notify>,
 }
 
 /// Milliseconds on a process-wide clock (tokio's, so tests can pause it).
@@ -272,6 +278,7 @@ impl Backend {
                 wave: Wave::drain(root),
                 started: None,
                 root: root.clone(),
+                wake: env.drains.clone(),
             }),
             healthy: AtomicBool::new(true),
             streak: AtomicI32::new(0),
@@ -419,6 +426,7 @@ impl Backend {
         let draining = drain.removed || drain.configured || drain.admin;
         if draining && drain.since.is_none() {
             drain.since = Some(Instant::now());
+            drain.wake.notify_one();
         } else if !draining {
             drain.since = None;
             if drain.started.take().is_some() {

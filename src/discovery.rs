@@ -66,10 +66,12 @@ struct Name {
 }
 
 /// Resolves every pool's DNS names as they fall due, until `stop`. Follows
-/// reloads: names and nameservers are read from the current snapshot.
+/// reloads: names and nameservers are read from the current snapshot. While no
+/// pool has a name it sleeps until a new snapshot.
 pub async fn run(state: Arc<State>, stop: CancellationToken) {
     let mut names: HashMap<(String, String), Name> = HashMap::new();
     let mut servers: Option<(Vec<SocketAddr>, TokioResolver)> = None;
+    let mut stored = state.stored();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -77,6 +79,8 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Seen before the look, so a snapshot stored after it wakes the wait below.
+        stored.borrow_and_update();
         let snapshot = state.load();
         let config = &snapshot.config;
         let wanted: Vec<(String, String, u16, Duration)> = config
@@ -89,7 +93,13 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
             })
             .collect();
         if wanted.is_empty() {
+            // No names to resolve: nothing to do until the configuration changes.
             names.clear();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = stored.changed() => {}
+            }
+            tick.reset_immediately();
             continue;
         }
         if servers.as_ref().map(|(n, _)| n) != Some(&config.nameservers) {

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balancer::{Backend, Pool};
 use crate::config::RebalanceConfig;
-use crate::state::State;
+use crate::state::{Snapshot, State};
 
 /// A shedding backend sheds until its connections per weight are at most this
 /// much over the mean.
@@ -34,12 +34,23 @@ pub const SHED_TO: f64 = 1.05;
 /// 20 ms keeps any one-second window within the rate plus one).
 const TICK: Duration = Duration::from_millis(20);
 
-/// Runs until `stop`.
+/// Runs until `stop`. Ticks only while a backend drains with tunnels left, a
+/// leaver waits to be dropped or a pool rebalances; otherwise it sleeps until a
+/// drain starts or a new snapshot is stored, so an idle gateway is not woken.
 pub async fn run(state: Arc<State>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut rebalancing: HashMap<String, Rebalancing> = HashMap::new();
     loop {
+        if !has_work(&state.load()) {
+            // A rebalancing resumed later starts with no budget saved up.
+            rebalancing.clear();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = state.drains().notified() => {}
+            }
+            tick.reset_immediately();
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
@@ -66,6 +77,20 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
                 .tick(pool, config, now);
         }
     }
+}
+
+/// Whether anything needs the drain task's ticks: a draining backend that still
+/// has tunnels (its wave is yet to start, or to be repeated), a leaver with none
+/// left (to be dropped), a pool that rebalances.
+fn has_work(snapshot: &Snapshot) -> bool {
+    snapshot.pools.values().any(|pool| {
+        (pool.settings.rebalance.is_some() && pool.settings.sticky.is_none())
+            || pool.has_finished_leavers()
+            || pool
+                .backends
+                .iter()
+                .any(|b| b.is_draining() && b.active() > 0)
+    })
 }
 
 /// One pool's rebalancing between ticks.
@@ -166,4 +191,78 @@ pub fn step(state: &State, now: Instant) {
         }
     }
     state.prune();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn state() -> Arc<State> {
+        let text = r#"
+[server]
+listen = ["127.0.0.1:0"]
+[[route]]
+path = "/"
+pool = "p"
+[pool.p]
+backends = [{ addr = "127.0.0.1:1" }, { addr = "127.0.0.1:2" }]
+drain_timeout = "5s"
+"#;
+        Arc::new(State::new(&Config::parse(text, "t.toml").expect("valid")))
+    }
+
+    /// Lets the spawned task run what is due now (bounded).
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_started_while_the_task_sleeps_closes_at_its_timeout() {
+        let state = state();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(state.clone(), stop.clone()));
+        // Nothing drains or rebalances: the task sleeps through this.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        settle().await;
+        let pool = state.load().pools["p"].clone();
+        let mut rng = fastrand::Rng::with_seed(1);
+        let (index, _tunnel) = pool.pick(&[], &mut rng).expect("a backend");
+        let backend = pool.backends[index].clone();
+        let wave = backend.wave();
+        backend.set_admin_drain(true);
+        tokio::time::advance(Duration::from_millis(4900)).await;
+        settle().await;
+        assert!(!wave.is_started(), "closed before drain_timeout");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        settle().await;
+        assert!(wave.is_started(), "not closed at drain_timeout");
+        stop.cancel();
+        task.await.expect("drain task");
+    }
+
+    #[test]
+    fn only_drains_with_tunnels_leavers_and_rebalancing_need_ticks() {
+        let state = state();
+        assert!(!has_work(&state.load()), "nothing to do");
+        let pool = state.load().pools["p"].clone();
+        pool.backends[0].set_admin_drain(true);
+        assert!(
+            !has_work(&state.load()),
+            "a drained backend without tunnels"
+        );
+        let mut rng = fastrand::Rng::with_seed(1);
+        let tunnel = pool.pick(&[], &mut rng).expect("a backend");
+        pool.backends[1].set_admin_drain(true);
+        assert!(has_work(&state.load()), "a drained backend with a tunnel");
+        drop(tunnel);
+        assert!(!has_work(&state.load()), "its tunnel ended");
+        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = \"/\"\npool = \"p\"\n\
+                    [pool.p]\nbackends = [{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }]\n\
+                    [pool.p.rebalance]\n";
+        state.reload(&Config::parse(text, "t.toml").expect("valid"));
+        assert!(has_work(&state.load()), "a rebalancing pool");
+    }
 }

@@ -108,12 +108,24 @@ async fn check(
 }
 
 /// Checks every pool that has health checks, each at its own interval, until
-/// `stop`. Follows reloads: each round reads the current snapshot.
+/// `stop`. Follows reloads: each round reads the current snapshot. While no pool
+/// has checks it sleeps until a new snapshot.
 pub async fn run(state: Arc<State>, stop: CancellationToken) {
     let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut stored = state.stored();
     loop {
         let now = Instant::now();
+        // Seen before the look, so a snapshot stored after it wakes the wait below.
+        stored.borrow_and_update();
         let snapshot = state.load();
+        if snapshot.pools.values().all(|p| p.settings.health.is_none()) {
+            // No pool has checks: nothing to do until the configuration changes.
+            due.clear();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = stored.changed() => continue,
+            }
+        }
         let mut next = now + Duration::from_secs(1);
         let mut round = tokio::task::JoinSet::new();
         for pool in snapshot.pools.values() {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 use crate::balancer::{CountsChanged, Env, Pool};
 use crate::closing::Wave;
@@ -180,6 +181,8 @@ pub struct State {
     /// DNS names' addresses; one build at a time (a reload, a prune and a new
     /// resolution must not lose each other's work).
     building: Mutex<Resolved>,
+    /// See [`State::stored`].
+    stored: tokio::sync::watch::Sender<()>,
 }
 
 impl State {
@@ -189,6 +192,7 @@ impl State {
             current: ArcSwap::from_pointee(Snapshot::build(config, None, &env, &Resolved::new())),
             env,
             building: Mutex::new(Resolved::new()),
+            stored: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -209,6 +213,25 @@ impl State {
     /// Signalled whenever a backend's count changes.
     pub fn counts_changed(&self) -> &Arc<CountsChanged> {
         &self.env.changed
+    }
+
+    /// Signalled when a backend starts draining and when a snapshot is stored
+    /// (one waiter: the drain task).
+    pub fn drains(&self) -> &Notify {
+        &self.env.drains
+    }
+
+    /// Marks every snapshot stored from now on (the tasks that sleep until the
+    /// configuration changes).
+    pub fn stored(&self) -> tokio::sync::watch::Receiver<()> {
+        self.stored.subscribe()
+    }
+
+    /// Makes `new` the current snapshot and wakes the tasks that follow it.
+    fn store(&self, new: Snapshot) {
+        self.current.store(Arc::new(new));
+        self.env.drains.notify_one();
+        self.stored.send_replace(());
     }
 
     /// Swaps in `config`. Backends no longer configured keep their tunnels and get
@@ -235,7 +258,7 @@ impl State {
             backends_removed: before.difference(&after).count(),
             draining: draining(&new).difference(&draining_before).count(),
         };
-        self.current.store(Arc::new(new));
+        self.store(new);
         changes
     }
 
@@ -246,7 +269,7 @@ impl State {
         let old = self.current.load_full();
         if old.pools.values().any(|p| p.has_finished_leavers()) {
             let new = Snapshot::build(&old.config, Some(&old), &self.env, &resolved);
-            self.current.store(Arc::new(new));
+            self.store(new);
         }
     }
 
@@ -272,7 +295,7 @@ impl State {
                 }
             }
         }
-        self.current.store(Arc::new(new));
+        self.store(new);
         true
     }
 }

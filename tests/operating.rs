@@ -1,15 +1,54 @@
 //! The files in contrib/: the Grafana dashboard queries only metrics wsgate
 //! exports, the systemd unit verifies, the Kubernetes manifests parse with the
 //! expected kinds and probe real admin paths, and the Dockerfile is multi-stage
-//! and runs as a non-root user.
+//! and runs as a non-root user. And a wsgate with nothing to do sleeps.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use yaml_rust2::{Yaml, YamlLoader};
+
+/// Times a thread of the process went to sleep (voluntary context switches),
+/// summed over its threads; None where /proc cannot say.
+fn sleeps(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
+        total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// An idle wsgate (no traffic, no drain, no rebalancing, no health checks, no DNS
+/// names) is not woken by timers of its own beyond a few a second: each wake-up
+/// costs a server full of idle proxies CPU, and a laptop battery. Every wake-up
+/// ends in a sleep, so the process's voluntary context switches count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_wsgate_sleeps() {
+    let backend = dead_addr().await;
+    let proxy = ProxyProcess::start(&format!(
+        "{}{}",
+        route("/", "p"),
+        pool("p", &[(backend, 1)], "")
+    ))
+    .await;
+    let pid = proxy.pid().expect("running");
+    let before = sleeps(pid).expect("/proc/PID/task/*/status");
+    // The measurement window (nothing is awaited: the point is that nothing happens).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let woken = sleeps(pid).expect("/proc/PID/task/*/status") - before;
+    eprintln!("idle: {woken} wake-ups in 2 s");
+    // A 20 ms tick alone would be 100 in this window.
+    assert!(woken <= 50, "an idle wsgate woke {woken} times in 2 s");
+    drop(proxy);
+}
 
 fn contrib(path: &str) -> String {
     let full = Path::new(env!("CARGO_MANIFEST_DIR"))
