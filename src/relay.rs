@@ -66,7 +66,8 @@ pub enum Side {
 /// How a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
-    /// Both ends closed their side; the close frames (if any) were theirs.
+    /// Both ends sent close frames and closed their side (on plain TCP the
+    /// client's FIN, which may follow the backend's, is left to the kernel).
     Closed,
     /// The client went away without a close frame (reset or EOF); the backend was sent 1001.
     ClientGone,
@@ -719,7 +720,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
             backend_to_client: self.down.tally(),
             duration: Duration::ZERO,
         };
-        // After `Closed` both sides have sent and received FIN: nothing to close.
+        // After `Closed` both sides were sent FIN and have sent theirs (or, the
+        // client on plain TCP, will: see `client_done`): nothing to close.
         if end != End::Closed {
             // Boxed: the closing steps take room only in the rare tunnel that is
             // closing, not in every idle one.
@@ -751,6 +753,24 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         None
     }
 
+    /// The closing handshake is over and the backend has closed (its FIN read,
+    /// passed on to the client with everything before it), on plain TCP both ways:
+    /// the client's close frame was the last thing it may send, so its own FIN
+    /// need not be waited for. Dropping the socket then sends nothing new (its
+    /// FIN went already) and the kernel takes the client's FIN when it comes: one
+    /// wake-up and one read fewer per tunnel. A client that sends more after its
+    /// close frame breaks the protocol and gets a reset.
+    fn client_done(&self) -> bool {
+        let (up, down) = (&self.up, &self.down);
+        down.eof
+            && down.pending.is_empty()
+            && up.walker.close_code().is_some()
+            && up.pending.is_empty()
+            && up.carry.is_empty()
+            && self.client.fin_with_last_write()
+            && self.backend.fin_with_last_write()
+    }
+
     /// Records who sent the first close frame; true when that just happened.
     fn note_first_close(&mut self) -> bool {
         if self.first_close.is_some() {
@@ -779,8 +799,8 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         at
     }
 
-    /// The relay loop proper; returns why it stopped. On `Closed` both sides have
-    /// sent FIN and every byte was delivered.
+    /// The relay loop proper; returns why it stopped. On `Closed` every byte was
+    /// delivered, both sides were sent FIN and the backend has sent its own.
     ///
     /// It waits with the streams' own poll functions (one waker slot each, no
     /// waiter list to join and leave per event) and a cancellation future pinned
@@ -795,6 +815,9 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         loop {
             let (up, down) = (&self.up, &self.down);
             if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
+                return End::Closed;
+            }
+            if self.client_done() {
                 return End::Closed;
             }
             if self.note_first_close() {

@@ -38,7 +38,8 @@ const PLAIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `net.core.somaxconn`). On Linux without quick ACKs (inherited by the
 /// connections it accepts): a client's first request is acknowledged by the answer
 /// that follows it within the delayed-ACK time, not by an empty segment of its
-/// own, as HAProxy's `tcp-smart-accept` does in HTTP mode.
+/// own, as HAProxy's `tcp-smart-accept` does in HTTP mode. On Linux the
+/// connections also inherit `TCP_NODELAY` from it: no system call per connection.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -47,6 +48,8 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     // After listen(2), which resets the ACK state. Only a saving: a kernel that
@@ -130,10 +133,14 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Small messages go out at once (no Nagle delay); a failure only costs latency.
+/// On Linux the connection has it from its listener already (see [`bind`]).
 fn nodelay(stream: &TcpStream, peer: SocketAddr) {
+    #[cfg(not(target_os = "linux"))]
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay");
     }
+    #[cfg(target_os = "linux")]
+    let _ = (stream, peer);
 }
 
 /// Errors about one connection that died in the queue, not about the listener.
@@ -470,5 +477,17 @@ mod tests {
             .tcp_quickack()
             .expect("TCP_QUICKACK");
         assert!(!quick, "the accepted connection is in quick-ACK mode");
+    }
+
+    /// Accepted connections send small messages at once, as `TCP_NODELAY` set on
+    /// each used to make them.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, peer) = listener.accept().await.expect("accept");
+        nodelay(&accepted, peer);
+        assert!(accepted.nodelay().expect("TCP_NODELAY"), "Nagle is on");
     }
 }

@@ -229,3 +229,66 @@ async fn the_close_frame_that_ends_the_handshake_comes_with_fin() {
         proxy.wait_counts("p", &[0]).await;
     }
 }
+
+/// Once the closing handshake is over and the backend has closed, the tunnel ends
+/// (its count goes back) without waiting for the client's own FIN: the client's
+/// close frame was the last thing it may send. The client still sees a clean FIN,
+/// not a reset, and a close timeout far away plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_ends_when_the_backend_closes_after_the_handshake() {
+    use tokio::io::AsyncReadExt;
+    let client_close = frame(0x88, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
+    let backend_close = frame(0x88, &1000u16.to_be_bytes(), None);
+    for client_first in [true, false] {
+        let mut backend = RawBackend::start("").await;
+        let proxy = Proxy::start(&format!(
+            "{}{}",
+            route("/ws", "p"),
+            pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
+        ))
+        .await;
+        let mut client = raw_upgrade(proxy.addr, "/ws").await;
+        let (mut held, _) = backend.next().await;
+        proxy.wait_counts("p", &[1]).await;
+        if client_first {
+            client.write_all(&client_close).await.expect("client close");
+            assert_eq!(
+                &read_exact(&mut held, client_close.len()).await,
+                &client_close
+            );
+            held.write_all(&backend_close)
+                .await
+                .expect("backend answer");
+        } else {
+            held.write_all(&backend_close).await.expect("backend close");
+            assert_eq!(
+                &read_exact(&mut client, backend_close.len()).await,
+                &backend_close
+            );
+            client
+                .write_all(&client_close)
+                .await
+                .expect("client answer");
+            assert_eq!(
+                &read_exact(&mut held, client_close.len()).await,
+                &client_close
+            );
+        }
+        // The backend closes, as a server does after the handshake; the client
+        // keeps its connection open.
+        drop(held);
+        proxy.wait_counts("p", &[0]).await;
+        if client_first {
+            assert_eq!(
+                &read_exact(&mut client, backend_close.len()).await,
+                &backend_close
+            );
+        }
+        let mut rest = [0u8; 16];
+        let eof = tokio::time::timeout(Duration::from_secs(5), client.read(&mut rest)).await;
+        assert!(
+            matches!(eof, Ok(Ok(0))),
+            "client first: {client_first}: not a clean FIN: {eof:?}"
+        );
+    }
+}
