@@ -1,7 +1,8 @@
 //! wsgate against HAProxy, both terminating TLS with the same ECDSA P-256
 //! certificate in front of the same echo backends, in one run: CPU per full wss
-//! handshake + upgrade, CPU per 16 KiB message over wss, RSS per idle wss
-//! connection, each as a ratio to HAProxy. Targets: ≤ 1.0, ≤ 0.8, ≤ 0.6.
+//! handshake + upgrade, CPU per 16 KiB message over wss (three interleaved
+//! rounds of each), RSS per idle wss connection, each as a ratio to HAProxy.
+//! Targets: ≤ 1.0, ≤ 0.8, ≤ 0.6. `WSGATE_BINARY` measures another build.
 //!
 //! `./benches/compare.sh` runs it after the plain comparison (`cargo bench --bench
 //! tls`); under `cargo test` it runs a short smoke round against wsgate only.
@@ -167,10 +168,10 @@ async fn big_messages(
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (window, idle) = if full {
-        (Duration::from_secs(5), 3000)
+    let (window, rounds, idle) = if full {
+        (Duration::from_secs(5), 3, 3000)
     } else {
-        (Duration::from_millis(300), 50)
+        (Duration::from_millis(300), 1, 50)
     };
     let dir = std::env::temp_dir().join(format!("wsgate-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -212,19 +213,36 @@ fn main() {
             common::EchoBackend::start().await,
         ];
         let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-        let mut proxies = vec![wsgate(env!("CARGO_BIN_EXE_wsgate"), &dir, &addrs)];
+        // WSGATE_BINARY: measure another build (a baseline), as the loadgen does.
+        let binary = std::env::var("WSGATE_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsgate").to_string());
+        let mut proxies = vec![wsgate(&binary, &dir, &addrs)];
         if full && let Some(h) = haproxy(&dir, &addrs) {
             proxies.push(h);
         }
+        // Interleaved rounds (every proxy's turn in each), so that a slow phase
+        // of the machine falls on all of them: one round each moved these
+        // ratios by ±0.15 between runs.
+        let mut sums = vec![[0.0f64; 4]; proxies.len()];
+        for _ in 0..rounds {
+            for (p, sum) in proxies.iter().zip(&mut sums) {
+                let cpu = || targets::cpu_seconds(p.pid);
+                let c0 = cpu();
+                sum[0] += handshakes(p.addr, client.clone(), window).await as f64;
+                sum[1] += cpu() - c0;
+            }
+            for (p, sum) in proxies.iter().zip(&mut sums) {
+                let cpu = || targets::cpu_seconds(p.pid);
+                let c0 = cpu();
+                sum[2] += big_messages(p.addr, client.clone(), window).await as f64;
+                sum[3] += cpu() - c0;
+            }
+        }
         let mut rows = Vec::new();
-        for p in &proxies {
-            let cpu = || targets::cpu_seconds(p.pid);
-            let c0 = cpu();
-            let n = handshakes(p.addr, client.clone(), window).await.max(1);
-            let per_handshake = (cpu() - c0) / n as f64 * 1e6;
-            let c0 = cpu();
-            let m = big_messages(p.addr, client.clone(), window).await.max(1);
-            let per_message = (cpu() - c0) / m as f64 * 1e6;
+        for (p, sum) in proxies.iter().zip(&sums) {
+            let (n, m) = (sum[0].max(1.0) as u64, sum[2].max(1.0) as u64);
+            let per_handshake = sum[1] / n as f64 * 1e6;
+            let per_message = sum[3] / m as f64 * 1e6;
             let before = targets::rss_bytes(p.pid);
             let mut held = Vec::new();
             for _ in 0..idle {
@@ -235,7 +253,7 @@ fn main() {
             drop(held);
             rows.push((p.name, n, per_handshake, m, per_message, per_idle));
         }
-        println!("TLS (ECDSA P-256, TLS 1.3, HTTP/1.1), {window:?} windows, {idle} idle connections:");
+        println!("TLS (ECDSA P-256, TLS 1.3, HTTP/1.1), {rounds} interleaved rounds of {window:?}, {idle} idle connections:");
         println!("| proxy | wss handshakes | CPU µs per handshake+upgrade | 16 KiB msgs | CPU µs per 16 KiB msg | RSS bytes per idle wss conn |");
         println!("|---|---|---|---|---|---|");
         for (name, n, h, m, per, idle) in &rows {

@@ -758,7 +758,7 @@ enum ClientStream {
     Tcp(TcpStream, Bytes),
     /// TLS: through `Polled`.
     Tls(
-        Box<Polled<tokio_rustls::server::TlsStream<TcpStream>>>,
+        Box<Polled<tokio_rustls::server::TlsStream<crate::tls::ReadAhead>>>,
         Bytes,
     ),
     /// An HTTP/2 stream (or any other upgraded stream).
@@ -787,7 +787,7 @@ fn client_stream(upgraded: hyper::upgrade::Upgraded) -> ClientStream {
         }
         Err(upgraded) => upgraded,
     };
-    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<crate::tls::ReadAhead>>>() {
         Ok(tls) => ClientStream::Tls(Box::new(Polled::new(tls.io.into_inner())), tls.read_buf),
         Err(stream) => ClientStream::Other(Box::new(Polled::new(TokioIo::new(stream)))),
     }

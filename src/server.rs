@@ -310,6 +310,7 @@ pub async fn serve_tls(
                 };
                 let peer = conn.peer.client;
                 let limit = shared.state.load().config.server.handshake_timeout;
+                let stream = crate::tls::ReadAhead::new(stream);
                 let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {

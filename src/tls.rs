@@ -295,6 +295,135 @@ pub fn server_name(tls: &BackendTls, host: &str) -> Option<ServerName<'static>> 
 /// How long a TLS handshake with a client may take at most.
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
+/// How much [`ReadAhead`] reads from the socket at once: two 16 KiB records and
+/// then some.
+const READ_AHEAD: usize = 40 * 1024;
+
+thread_local! {
+    /// One read-ahead buffer per worker thread, zeroed once (as the relay's own).
+    static AHEAD: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_AHEAD].into_boxed_slice());
+}
+
+/// The socket under a TLS session on the listener side. rustls asks for at most
+/// 4 KiB per read (its buffer grows by that much a time), so a 16 KiB record
+/// would cost five `read(2)`s; this reads what the socket holds, up to 40 KiB,
+/// in one, into the worker's buffer, and hands rustls what it asks for. The rest
+/// is kept only until rustls takes it, in an allocation of its exact size: an
+/// idle connection holds no buffer.
+#[derive(Debug)]
+pub struct ReadAhead {
+    io: tokio::net::TcpStream,
+    /// Read from the socket, not yet taken, from `taken` on.
+    ahead: Vec<u8>,
+    taken: usize,
+}
+
+impl ReadAhead {
+    pub fn new(io: tokio::net::TcpStream) -> ReadAhead {
+        ReadAhead {
+            io,
+            ahead: Vec::new(),
+            taken: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &tokio::net::TcpStream {
+        &self.io
+    }
+}
+
+impl tokio::io::AsyncRead for ReadAhead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.taken < this.ahead.len() {
+            let n = buf.remaining().min(this.ahead.len() - this.taken);
+            buf.put_slice(&this.ahead[this.taken..this.taken + n]);
+            this.taken += n;
+            if this.taken == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.taken = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            std::task::ready!(this.io.poll_read_ready(cx))?;
+            let read = AHEAD.with_borrow_mut(|scratch| {
+                // A read that does not fill the buffer took all the socket had:
+                // its readiness is cleared right there (as the relay does),
+                // saving the read that would only return `WouldBlock`.
+                let mut got = None;
+                let read = this.io.try_io(tokio::io::Interest::READABLE, || {
+                    let n = std::io::Read::read(&mut &*socket2::SockRef::from(&this.io), scratch)?;
+                    got = Some(n);
+                    if n > 0 && n < scratch.len() {
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match (got, read) {
+                    (Some(n), _) => {
+                        let give = n.min(buf.remaining());
+                        buf.put_slice(&scratch[..give]);
+                        if give < n {
+                            this.ahead = scratch[give..n].to_vec();
+                        }
+                        Some(Ok(()))
+                    }
+                    (None, Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => Some(Err(e)),
+                    // Readiness was stale: cleared, so the next poll registers.
+                    (None, _) => None,
+                }
+            });
+            if let Some(read) = read {
+                return Poll::Ready(read);
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +434,56 @@ mod tests {
         assert!(!covers("*.example.com", "example.com"));
         assert!(!covers("*.example.com", "a.b.example.com"));
         assert!(covers("chat.example.com", "chat.example.com"));
+    }
+
+    /// What rustls reads 4 KiB at a time comes off the socket in one read, in
+    /// order, and nothing is held once it has all been taken.
+    #[tokio::test]
+    async fn read_ahead_takes_the_socket_whole_and_hands_it_out_in_pieces() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut writer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        writer.write_all(&sent).await.expect("write");
+        // Wait (bounded) until all of it is in the socket's receive queue.
+        let peek = socket2::SockRef::from(&accepted);
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
+        for _ in 0..1000 {
+            accepted.readable().await.expect("readable");
+            if peek.peek(&mut probe).expect("peek") == sent.len() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut reader = ReadAhead::new(accepted);
+        let mut first = [0u8; 4096];
+        assert_eq!(reader.read(&mut first).await.expect("read"), 4096);
+        // One read took everything: the socket has nothing left.
+        let empty = socket2::SockRef::from(reader.get_ref()).peek(&mut probe);
+        assert!(
+            matches!(&empty, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{empty:?}"
+        );
+        let mut got = first.to_vec();
+        while got.len() < sent.len() {
+            let mut piece = [0u8; 4096];
+            let n = reader.read(&mut piece).await.expect("read");
+            assert!(n > 0, "EOF after {} bytes", got.len());
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, sent);
+        assert_eq!(
+            reader.ahead.capacity(),
+            0,
+            "a buffer held after all was taken"
+        );
+        drop(writer);
+        let mut rest = [0u8; 16];
+        assert_eq!(reader.read(&mut rest).await.expect("EOF"), 0);
     }
 }
