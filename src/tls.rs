@@ -305,7 +305,7 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; READ_AHEAD].into_boxed_slice());
 }
 
-/// The socket under a TLS session on the listener side. rustls asks for at most
+/// The socket under a TLS session (a client's, a TLS backend's). rustls asks for at most
 /// 4 KiB per read (its buffer grows by that much a time), so a 16 KiB record
 /// would cost five `read(2)`s; this reads what the socket holds, up to 40 KiB,
 /// in one, into the worker's buffer, and hands rustls what it asks for. The rest

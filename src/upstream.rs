@@ -44,7 +44,7 @@ pub struct Upgraded {
 /// A backend connection: plain TCP (the relay's fast path), or TLS (`wss`).
 pub enum BackendStream {
     Tcp(TcpStream),
-    Tls(Box<Polled<tokio_rustls::client::TlsStream<TcpStream>>>),
+    Tls(Box<Polled<tokio_rustls::client::TlsStream<crate::tls::ReadAhead>>>),
 }
 
 impl RelayIo for BackendStream {
@@ -311,6 +311,7 @@ async fn attempt_one(
                         });
                     };
                     let connector = tokio_rustls::TlsConnector::from(client.clone());
+                    let stream = crate::tls::ReadAhead::new(stream);
                     let stream = connector.connect(name, stream).await.map_err(|source| {
                         UpstreamError::Tls {
                             addr: addr.clone(),
@@ -340,7 +341,7 @@ impl IntoBackendStream for TcpStream {
     }
 }
 
-impl IntoBackendStream for tokio_rustls::client::TlsStream<TcpStream> {
+impl IntoBackendStream for tokio_rustls::client::TlsStream<crate::tls::ReadAhead> {
     fn into_backend(self) -> BackendStream {
         BackendStream::Tls(Box::new(Polled::new(self)))
     }
