@@ -465,15 +465,22 @@ mod tests {
         assert!(second.is_err(), "{:?}", second.map(|l| l.local_addr()));
     }
 
+    /// A connection accepted by a listener made by `bind`, with its client end
+    /// and the peer address the accept gave.
+    async fn accepted() -> (TcpStream, TcpStream, SocketAddr) {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, peer) = listener.accept().await.expect("accept");
+        (client, accepted, peer)
+    }
+
     /// The connections a listener accepts leave quick-ACK mode at once: the
     /// request is acknowledged by the answer, not by an empty segment first.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_connections_do_not_ack_the_request_on_their_own() {
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (accepted, _) = listener.accept().await.expect("accept");
+        let (_client, accepted, _) = accepted().await;
         let quick = socket2::SockRef::from(&accepted)
             .tcp_quickack()
             .expect("TCP_QUICKACK");
@@ -484,10 +491,7 @@ mod tests {
     /// each used to make them.
     #[tokio::test]
     async fn accepted_connections_have_nagle_off() {
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (accepted, peer) = listener.accept().await.expect("accept");
+        let (_client, accepted, peer) = accepted().await;
         nodelay(&accepted, peer);
         assert!(accepted.nodelay().expect("TCP_NODELAY"), "Nagle is on");
     }

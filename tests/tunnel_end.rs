@@ -187,6 +187,35 @@ async fn shutdown_closes_every_tunnel_with_1001_and_returns() {
         .expect("stop task");
 }
 
+/// Close frames with code 1000: the client's (masked) and the backend's.
+fn close_frames() -> (Vec<u8>, Vec<u8>) {
+    let code = 1000u16.to_be_bytes();
+    (
+        frame(0x88, &code, Some([1, 2, 3, 4])),
+        frame(0x88, &code, None),
+    )
+}
+
+/// A proxy in front of one raw backend (its close timeout far away) and one
+/// tunnel through it: the backend, the proxy, the client's end, the backend's end.
+async fn raw_tunnel() -> (
+    RawBackend,
+    Proxy,
+    tokio::net::TcpStream,
+    tokio::net::TcpStream,
+) {
+    let mut backend = RawBackend::start("").await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        route("/ws", "p"),
+        pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
+    ))
+    .await;
+    let client = raw_upgrade(proxy.addr, "/ws").await;
+    let (held, _) = backend.next().await;
+    (backend, proxy, client, held)
+}
+
 /// The close frame that answers the other side's ends the closing handshake:
 /// nothing may follow it (RFC 6455 §7.1.1), so its receiver gets FIN with it,
 /// without waiting for the sender to close its TCP connection first. Both ways,
@@ -194,18 +223,9 @@ async fn shutdown_closes_every_tunnel_with_1001_and_returns() {
 #[tokio::test]
 async fn the_close_frame_that_ends_the_handshake_comes_with_fin() {
     use tokio::io::AsyncReadExt;
-    let client_close = frame(0x88, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
-    let backend_close = frame(0x88, &1000u16.to_be_bytes(), None);
+    let (client_close, backend_close) = close_frames();
     for client_first in [true, false] {
-        let mut backend = RawBackend::start("").await;
-        let proxy = Proxy::start(&format!(
-            "{}{}",
-            route("/ws", "p"),
-            pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
-        ))
-        .await;
-        let mut client = raw_upgrade(proxy.addr, "/ws").await;
-        let (mut held, _) = backend.next().await;
+        let (_backend, proxy, mut client, mut held) = raw_tunnel().await;
         // Who sends the first close frame, and who answers it (and then keeps its
         // connection open): the answerer's peer must see EOF at once.
         let (first, first_close, answerer, answer) = if client_first {
@@ -237,18 +257,9 @@ async fn the_close_frame_that_ends_the_handshake_comes_with_fin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_ends_when_the_backend_closes_after_the_handshake() {
     use tokio::io::AsyncReadExt;
-    let client_close = frame(0x88, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
-    let backend_close = frame(0x88, &1000u16.to_be_bytes(), None);
+    let (client_close, backend_close) = close_frames();
     for client_first in [true, false] {
-        let mut backend = RawBackend::start("").await;
-        let proxy = Proxy::start(&format!(
-            "{}{}",
-            route("/ws", "p"),
-            pool("p", &[(backend.addr, 1)], "close_timeout = \"60s\"")
-        ))
-        .await;
-        let mut client = raw_upgrade(proxy.addr, "/ws").await;
-        let (mut held, _) = backend.next().await;
+        let (_backend, proxy, mut client, mut held) = raw_tunnel().await;
         proxy.wait_counts("p", &[1]).await;
         if client_first {
             client.write_all(&client_close).await.expect("client close");
