@@ -60,14 +60,7 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
         let snapshot = state.load();
         rebalancing.retain(|name, _| snapshot.pools.contains_key(name));
         for pool in snapshot.pools.values() {
-            // Sticky pools place by key or cookie: moving their tunnels would
-            // only bring them back.
-            let Some(config) = pool
-                .settings
-                .rebalance
-                .as_ref()
-                .filter(|_| pool.settings.sticky.is_none())
-            else {
+            let Some(config) = rebalance(pool) else {
                 rebalancing.remove(&pool.name);
                 continue;
             };
@@ -84,13 +77,22 @@ pub async fn run(state: Arc<State>, stop: CancellationToken) {
 /// left (to be dropped), a pool that rebalances.
 fn has_work(snapshot: &Snapshot) -> bool {
     snapshot.pools.values().any(|pool| {
-        (pool.settings.rebalance.is_some() && pool.settings.sticky.is_none())
+        rebalance(pool).is_some()
             || pool.has_finished_leavers()
             || pool
                 .backends
                 .iter()
                 .any(|b| b.is_draining() && b.active() > 0)
     })
+}
+
+/// The pool's rebalancing, if it has one that applies: sticky pools place by key
+/// or cookie, so moving their tunnels would only bring them back.
+fn rebalance(pool: &Pool) -> Option<&RebalanceConfig> {
+    pool.settings
+        .rebalance
+        .as_ref()
+        .filter(|_| pool.settings.sticky.is_none())
 }
 
 /// One pool's rebalancing between ticks.

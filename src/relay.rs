@@ -814,10 +814,9 @@ impl<C: RelayIo, B: RelayIo> Tunnel<C, B> {
         let mut client_first = true;
         loop {
             let (up, down) = (&self.up, &self.down);
-            if up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty() {
-                return End::Closed;
-            }
-            if self.client_done() {
+            let both_closed =
+                up.eof && down.eof && up.pending.is_empty() && down.pending.is_empty();
+            if both_closed || self.client_done() {
                 return End::Closed;
             }
             if self.note_first_close() {

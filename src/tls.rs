@@ -351,40 +351,21 @@ impl tokio::io::AsyncRead for ReadAhead {
             }
             return Poll::Ready(Ok(()));
         }
-        loop {
-            std::task::ready!(this.io.poll_read_ready(cx))?;
-            let read = AHEAD.with_borrow_mut(|scratch| {
-                // A read that does not fill the buffer took all the socket had:
-                // its readiness is cleared right there (as the relay does),
-                // saving the read that would only return `WouldBlock`.
-                let mut got = None;
-                let read = this.io.try_io(tokio::io::Interest::READABLE, || {
-                    let n = std::io::Read::read(&mut &*socket2::SockRef::from(&this.io), scratch)?;
-                    got = Some(n);
-                    if n > 0 && n < scratch.len() {
-                        Err(std::io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(())
-                    }
-                });
-                match (got, read) {
-                    (Some(n), _) => {
-                        let give = n.min(buf.remaining());
-                        buf.put_slice(&scratch[..give]);
-                        if give < n {
-                            this.ahead = scratch[give..n].to_vec();
-                        }
-                        Some(Ok(()))
-                    }
-                    (None, Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => Some(Err(e)),
-                    // Readiness was stale: cleared, so the next poll registers.
-                    (None, _) => None,
-                }
-            });
-            if let Some(read) = read {
-                return Poll::Ready(read);
+        // The relay's own read of a plain socket: readiness cleared after a
+        // short read, so no read ends in `WouldBlock`.
+        AHEAD.with_borrow_mut(|scratch| {
+            let n = std::task::ready!(crate::relay::RelayIo::poll_read_into(
+                &mut this.io,
+                cx,
+                scratch
+            ))?;
+            let give = n.min(buf.remaining());
+            buf.put_slice(&scratch[..give]);
+            if give < n {
+                this.ahead = scratch[give..n].to_vec();
             }
-        }
+            Poll::Ready(Ok(()))
+        })
     }
 }
 
