@@ -515,8 +515,9 @@ fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
     });
 }
 
-/// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
-/// `only`: measure just these targets (by name), as `compare.sh --only wsgate`.
+/// Measures every target in turn (`with_others`: HAProxy and NGINX too, where
+/// installed) with the echo servers behind it; `only`: just these targets (by
+/// name), as `compare.sh --only wsgate`.
 fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]) -> Vec<Figures> {
     let (_echo, backends) = targets::echo_servers();
     let runtime = runtime();
