@@ -14,7 +14,7 @@
 //! | key | type | TTL | holds |
 //! |---|---|---|---|
 //! | `NAME:instances` | sorted set | none | instance ids, scored by last heartbeat (ms); dead ones are removed by the others |
-//! | `NAME:instance:ID:alive` | string | 3 heartbeats | `1` while the instance lives |
+//! | `NAME:instance:ID:alive` | string | 3 heartbeats | while the instance lives, the version of its `conns` hash (see [`Known`]) |
 //! | `NAME:instance:ID:conns` | hash | 3 heartbeats | `POOL/BACKEND` → connections this instance holds |
 //! | `NAME:instance:ID:presence` | hash | 3 heartbeats | user → JSON array of [`PresenceEntry`] |
 //! | `NAME:presence` | pub/sub channel | | [`crate::presence::PresenceEvent`] JSON, one per join or leave |
@@ -65,6 +65,9 @@ pub struct Update {
     pub ttl: Duration,
     /// `POOL/BACKEND` → connections: every backend, whenever any count changed.
     pub counts: Vec<(String, u64)>,
+    /// The version of the counts the hash holds once this is written: those
+    /// written now, or, when `counts` is empty, the same ones as before.
+    pub version: u64,
     /// User → entries; an empty list removes the user.
     pub presence: Vec<(String, Vec<PresenceEntry>)>,
     pub events: Vec<PresenceEvent>,
@@ -75,6 +78,8 @@ pub struct Update {
 pub struct Remote {
     /// Each other live instance's counts: instance → `POOL/BACKEND` → connections.
     pub counts: Others,
+    /// Each other live instance's counts' version, as read with them.
+    pub versions: HashMap<String, u64>,
     /// Live instances, this one included.
     pub instances: usize,
     /// The other live instances' ids.
@@ -99,6 +104,10 @@ pub struct Announce {
     /// When it was sent, in ms since the Unix epoch.
     #[serde(default)]
     pub t: u64,
+    /// The version of the counts it was taken from (0: an instance that does
+    /// not number them).
+    #[serde(default)]
+    pub v: u64,
     /// `POOL/BACKEND` → its connections now.
     pub c: Vec<(String, u64)>,
 }
@@ -120,7 +129,7 @@ pub trait Store: Send + Sync {
     fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals>;
     /// Announces this instance's counts that just changed, for the others to
     /// apply before the next heartbeat.
-    fn announce<'a>(&'a self, counts: &'a [(String, u64)]) -> StoreFuture<'a, ()>;
+    fn announce<'a>(&'a self, counts: &'a [(String, u64)], version: u64) -> StoreFuture<'a, ()>;
     /// Follows the others' announcements until `stop`, reconnecting as needed.
     fn follow<'a>(&'a self, on: OnChange<'a>, stop: &'a CancellationToken) -> StoreFuture<'a, ()>;
 }
@@ -147,6 +156,7 @@ impl Store for MemoryStore {
         Box::pin(async {
             Ok(Remote {
                 counts: Others::new(),
+                versions: HashMap::new(),
                 instances: 1,
                 others: Vec::new(),
                 members: vec![(self.instance.clone(), now_ms())],
@@ -154,7 +164,7 @@ impl Store for MemoryStore {
         })
     }
 
-    fn announce<'a>(&'a self, _counts: &'a [(String, u64)]) -> StoreFuture<'a, ()> {
+    fn announce<'a>(&'a self, _counts: &'a [(String, u64)], _version: u64) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 
@@ -312,7 +322,7 @@ impl Store for RedisStore {
             pipe.pexpire(&presence, ttl).ignore();
             pipe.set_options(
                 self.keys.alive(id),
-                1,
+                update.version.max(1),
                 redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl as u64)),
             )
             .ignore();
@@ -331,7 +341,7 @@ impl Store for RedisStore {
             let ids: Vec<&String> = seen.iter().map(|(id, _)| id).collect();
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.exists(self.keys.alive(id));
+                pipe.get(self.keys.alive(id));
                 pipe.hgetall(self.keys.conns(id));
             }
             let replies: Vec<redis::Value> = self.query(&pipe).await?;
@@ -339,11 +349,13 @@ impl Store for RedisStore {
             let mut dead = Vec::new();
             for ((id, at), pair) in seen.iter().zip(replies.chunks(2)) {
                 let [alive, counts] = pair else { continue };
-                let alive: bool = redis::from_redis_value_ref(alive).unwrap_or(false);
-                if !alive {
+                // Its counts' version (`1` from an instance that does not
+                // number them); none once it expired.
+                let alive: Option<String> = redis::from_redis_value_ref(alive).unwrap_or(None);
+                let Some(version) = alive else {
                     dead.push(id.clone());
                     continue;
-                }
+                };
                 remote.instances += 1;
                 remote.members.push((id.clone(), *at));
                 if *id == self.instance {
@@ -353,6 +365,9 @@ impl Store for RedisStore {
                 let counts: HashMap<String, u64> =
                     redis::from_redis_value_ref(counts).unwrap_or_default();
                 remote.counts.insert(id.clone(), counts);
+                remote
+                    .versions
+                    .insert(id.clone(), version.parse().unwrap_or(0));
             }
             if !dead.is_empty() {
                 let mut pipe = redis::pipe();
@@ -403,11 +418,12 @@ impl Store for RedisStore {
         })
     }
 
-    fn announce<'a>(&'a self, counts: &'a [(String, u64)]) -> StoreFuture<'a, ()> {
+    fn announce<'a>(&'a self, counts: &'a [(String, u64)], version: u64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let announce = Announce {
                 i: self.instance.clone(),
                 t: now_ms(),
+                v: version,
                 c: counts.to_vec(),
             };
             let mut pipe = redis::pipe();
@@ -487,7 +503,9 @@ pub struct Cluster {
     instances: AtomicUsize,
     /// The other instances' counts: read at each heartbeat, updated between
     /// heartbeats by their announcements.
-    others: std::sync::Mutex<Others>,
+    others: std::sync::Mutex<Known>,
+    /// The version of this instance's last counts snapshot (see [`Known`]).
+    version: std::sync::Mutex<u64>,
     /// Another instance announced a change: tell the others that nothing changed
     /// here (an empty announcement), so they stop assuming this one mirrored it.
     ack_due: AtomicBool,
@@ -528,6 +546,10 @@ impl Cluster {
             events,
             up: AtomicBool::new(config.redis.is_none()),
             others: std::sync::Mutex::default(),
+            // From the clock: an instance restarted under the same id (its keys
+            // still there) starts above every version it published before, as
+            // long as it never made a thousand snapshots a millisecond.
+            version: std::sync::Mutex::new(now_ms().saturating_mul(1000)),
             ack_due: AtomicBool::new(false),
             instances: AtomicUsize::new(1),
             members: std::sync::Mutex::new(vec![(instance_for_members, now_ms())]),
@@ -633,14 +655,15 @@ impl Cluster {
             tokio::pin!(next);
             next.as_mut().enable();
             if changed.take() {
-                let counts = local_counts(state);
+                let (version, counts) = self.snapshot(state);
                 let moved: Vec<(String, u64)> = counts
                     .iter()
                     .filter(|(k, v)| announced.get(*k) != Some(v))
                     .map(|(k, v)| (k.clone(), *v))
                     .collect();
                 let ack = self.ack_due.load(Ordering::Relaxed) && acked.elapsed() >= ACK_EVERY;
-                if (!moved.is_empty() || ack) && self.store.announce(&moved).await.is_ok() {
+                if (!moved.is_empty() || ack) && self.store.announce(&moved, version).await.is_ok()
+                {
                     announced = counts;
                     self.ack_due.store(false, Ordering::Relaxed);
                     acked = Instant::now();
@@ -671,8 +694,8 @@ impl Cluster {
                 state.counts_changed().touch();
             }
             let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
-            others.entry(announce.i).or_default().extend(announce.c);
-            apply_remote(state, &sum(&others));
+            others.announced(announce.i, announce.v, announce.c);
+            apply_remote(state, &sum(&others.counts));
         };
         if let Err(e) = self.store.follow(&on, stop).await {
             tracing::warn!(error = %crate::Chain(&e), "count announcements: not followed");
@@ -736,7 +759,7 @@ impl Cluster {
                 Err(e) => return self.failed(state, sync, e),
             }
         }
-        let counts = local_counts(state);
+        let (version, counts) = self.snapshot(state);
         // Backends came or went: replace the whole hash, so none lingers.
         if !same_keys(&counts, &sync.published) {
             sync.full = true;
@@ -752,6 +775,7 @@ impl Cluster {
                 full: true,
                 ttl: self.heartbeat() * 3,
                 counts: counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                version,
                 presence: self.presence.snapshot(),
                 events: changes.events,
             }
@@ -768,6 +792,8 @@ impl Cluster {
                 } else {
                     Vec::new()
                 },
+                // Unchanged counts are this snapshot's too.
+                version,
                 presence: changes.users,
                 events: changes.events,
             }
@@ -787,8 +813,8 @@ impl Cluster {
             match self.store.remote().await {
                 Ok(remote) => {
                     let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
-                    *others = remote.counts;
-                    apply_remote(state, &sum(&others));
+                    others.read(remote.counts, &remote.versions);
+                    apply_remote(state, &sum(&others.counts));
                     self.instances
                         .store(remote.instances.max(1), Ordering::Relaxed);
                     state.peers().set_live(&remote.others);
@@ -809,10 +835,7 @@ impl Cluster {
         self.up.store(false, Ordering::Relaxed);
         self.instances.store(1, Ordering::Relaxed);
         state.peers().set_live(&[]);
-        self.others
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.others.lock().unwrap_or_else(|e| e.into_inner()) = Known::default();
         apply_remote(state, &HashMap::new());
         sync.retry_at = Instant::now() + sync.backoff.next_pause();
     }
@@ -839,6 +862,68 @@ fn same_keys(a: &HashMap<String, u64>, b: &HashMap<String, u64>) -> bool {
 /// The field a backend's count is published under.
 pub fn count_field(pool: &str, backend: &str) -> String {
     format!("{pool}/{backend}")
+}
+
+/// The other instances' counts as this one knows them, and each one's version.
+///
+/// An instance publishes its counts two ways: the `conns` hash, written every
+/// quarter heartbeat when they changed, and an announcement the moment they
+/// change. So the hash can be older than the announcements already applied here,
+/// and a heartbeat's read of it would put back counts that moved since (a backend
+/// seen at 3 for a moment after its last tunnel closed). Each snapshot of an
+/// instance's counts is numbered (the hash's version is its `alive` key, written
+/// in the same transaction); what is known here only ever moves forward.
+#[derive(Debug, Default)]
+pub struct Known {
+    /// Instance → `POOL/BACKEND` → connections.
+    pub counts: Others,
+    /// Instance → the version of what `counts` holds for it.
+    versions: HashMap<String, u64>,
+}
+
+impl Known {
+    /// A heartbeat's read: every live instance's hash. An instance's hash
+    /// replaces what is known of it unless an announcement applied here is
+    /// newer; instances not read (dead) are forgotten.
+    pub fn read(&mut self, counts: Others, versions: &HashMap<String, u64>) {
+        let mut next = Known::default();
+        for (id, read) in counts {
+            let version = versions.get(&id).copied().unwrap_or(0);
+            let known = self.versions.get(&id).copied().unwrap_or(0);
+            let kept = match self.counts.remove(&id) {
+                Some(kept) if known > version => (kept, known),
+                _ => (read, version),
+            };
+            next.versions.insert(id.clone(), kept.1);
+            next.counts.insert(id, kept.0);
+        }
+        *self = next;
+    }
+
+    /// An instance's announcement of counts that changed, taken from its
+    /// snapshot `version` (0: not numbered, always applied); one older than
+    /// what is known of it is in what was read already.
+    pub fn announced(&mut self, id: String, version: u64, changed: Vec<(String, u64)>) {
+        let known = self.versions.entry(id.clone()).or_default();
+        if version != 0 {
+            if version <= *known {
+                return;
+            }
+            *known = version;
+        }
+        self.counts.entry(id).or_default().extend(changed);
+    }
+}
+
+impl Cluster {
+    /// This instance's counts and their version: numbered under one lock, so
+    /// that a higher version never holds older counts (the announcing task and
+    /// the sync task each take them).
+    fn snapshot(&self, state: &State) -> (u64, HashMap<String, u64>) {
+        let mut version = self.version.lock().unwrap_or_else(|e| e.into_inner());
+        *version += 1;
+        (*version, local_counts(state))
+    }
 }
 
 fn local_counts(state: &State) -> HashMap<String, u64> {
@@ -873,5 +958,62 @@ fn apply_remote(state: &State, remote: &HashMap<String, u64>) {
             let field = count_field(&pool.name, &backend.addr.to_string());
             backend.set_remote(remote.get(&field).copied().unwrap_or(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn read(known: &mut Known, id: &str, version: u64, pairs: &[(&str, u64)]) {
+        let versions = HashMap::from([(id.to_string(), version)]);
+        known.read(Others::from([(id.to_string(), counts(pairs))]), &versions);
+    }
+
+    /// A hash written before the announcements already applied does not put
+    /// back the counts they moved: the backend seen at 3 after its last tunnel
+    /// closed.
+    #[test]
+    fn a_hash_older_than_an_announcement_does_not_put_back_its_counts() {
+        let mut known = Known::default();
+        read(&mut known, "a", 10, &[("p/b0", 3), ("p/b1", 20)]);
+        known.announced("a".into(), 12, vec![("p/b0".into(), 0)]);
+        assert_eq!(known.counts["a"], counts(&[("p/b0", 0), ("p/b1", 20)]));
+        // The next heartbeat reads the hash before the instance rewrote it.
+        read(&mut known, "a", 10, &[("p/b0", 3), ("p/b1", 20)]);
+        assert_eq!(known.counts["a"], counts(&[("p/b0", 0), ("p/b1", 20)]));
+        // Rewritten since: it replaces what is known.
+        read(&mut known, "a", 13, &[("p/b0", 1), ("p/b1", 20)]);
+        assert_eq!(known.counts["a"], counts(&[("p/b0", 1), ("p/b1", 20)]));
+    }
+
+    /// An announcement older than the hash read is in it already.
+    #[test]
+    fn an_announcement_older_than_the_hash_read_is_ignored() {
+        let mut known = Known::default();
+        read(&mut known, "a", 20, &[("p/b0", 5)]);
+        known.announced("a".into(), 19, vec![("p/b0".into(), 7)]);
+        assert_eq!(known.counts["a"], counts(&[("p/b0", 5)]));
+        known.announced("a".into(), 21, vec![("p/b0".into(), 6)]);
+        assert_eq!(known.counts["a"], counts(&[("p/b0", 6)]));
+    }
+
+    /// Instances that do not number their counts (version 0 in announcements,
+    /// `1` in `alive`) are applied as they come, as before; instances not read
+    /// at a heartbeat (dead) are forgotten.
+    #[test]
+    fn unnumbered_counts_apply_as_they_come_and_dead_instances_are_forgotten() {
+        let mut known = Known::default();
+        read(&mut known, "old", 1, &[("p/b0", 4)]);
+        known.announced("old".into(), 0, vec![("p/b0".into(), 2)]);
+        assert_eq!(known.counts["old"], counts(&[("p/b0", 2)]));
+        read(&mut known, "old", 1, &[("p/b0", 3)]);
+        assert_eq!(known.counts["old"], counts(&[("p/b0", 3)]));
+        read(&mut known, "other", 5, &[("p/b0", 1)]);
+        assert!(!known.counts.contains_key("old"));
     }
 }

@@ -418,3 +418,63 @@ async fn an_idle_instance_sends_heartbeats_only() {
         "{sent} commands for {heartbeats} heartbeats: {after:?}"
     );
 }
+
+/// An instance rewrites its counts hash every quarter heartbeat but announces a
+/// change at once, so the hash can be older than what was announced: the
+/// others' heartbeat reads of it must not put the announced change back. Here
+/// instance `a` is written by hand (its hash at version 10 says 3 on backend 0,
+/// its announcement from version 12 says 0) and never rewrites its hash.
+#[tokio::test]
+async fn a_hash_older_than_an_announcement_does_not_undo_it() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let b = Proxy::start(&format!(
+        "{}{}",
+        routes_and_pool(&backends),
+        cluster(&redis.url(), "b", "100ms")
+    ))
+    .await;
+    let field = format!("p/{}", backends[0].addr);
+    let mut conn = redis.conn().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let () = redis::pipe()
+        .zadd("t:instances", "a", now_ms)
+        .ignore()
+        .hset("t:instance:a:conns", &field, 3)
+        .ignore()
+        .set("t:instance:a:alive", 10)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("instance a");
+    b.wait_remote("p", &[3, 0, 0], Duration::from_secs(5)).await;
+
+    let announce = format!(r#"{{"i":"a","t":{now_ms},"v":12,"c":[["{field}",0]]}}"#);
+    let () = redis::cmd("PUBLISH")
+        .arg("t:counts")
+        .arg(&announce)
+        .query_async(&mut conn)
+        .await
+        .expect("announce");
+    b.wait_remote("p", &[0, 0, 0], Duration::from_secs(5)).await;
+    // Ten heartbeats, each reading the hash that still says 3.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        assert_eq!(b.remote("p"), vec![0, 0, 0]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Rewritten at a newer version, the hash counts again.
+    let () = redis::pipe()
+        .hset("t:instance:a:conns", &field, 2)
+        .ignore()
+        .set("t:instance:a:alive", 13)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("instance a rewrites its hash");
+    b.wait_remote("p", &[2, 0, 0], Duration::from_secs(5)).await;
+}
