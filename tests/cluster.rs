@@ -436,10 +436,7 @@ async fn a_hash_older_than_an_announcement_does_not_undo_it() {
     .await;
     let field = format!("p/{}", backends[0].addr);
     let mut conn = redis.conn().await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let now_ms = wsgate::presence::now_ms();
     let () = redis::pipe()
         .zadd("t:instances", "a", now_ms)
         .ignore()
