@@ -598,17 +598,22 @@ async fn burst_through(instances: usize) -> Vec<usize> {
 /// CPU hogs.
 static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// Three bursts: at least two within ±8% of ideal on every backend, none beyond
-/// ±15% (without the live counts all three end 90/90/120).
+/// Five bursts: at least three within ±8% of ideal on every backend, none beyond
+/// ±15% (without the live counts all end 90/90/120). A burst lands beyond ±8% now
+/// and then (1 in 30 here; a CI run once saw two of three, 106/105/89 and
+/// 104/105/91, when the test asked two of three): each pick is assumed mirrored by
+/// the other instances until they acknowledge, and an instance the scheduler holds
+/// back acknowledges late. Three of five asks the same of each burst and fails on
+/// such a draw far less often.
 async fn bursts_through(instances: usize) {
     let _alone = TURNS.write().await;
     let mut runs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         runs.push(burst_through(instances).await);
     }
     let within = |counts: &Vec<usize>, d: usize| counts.iter().all(|n| n.abs_diff(100) <= d);
     assert!(
-        runs.iter().filter(|c| within(c, 8)).count() >= 2,
+        runs.iter().filter(|c| within(c, 8)).count() >= 3,
         "{runs:?}"
     );
     assert!(runs.iter().all(|c| within(c, 15)), "{runs:?}");
