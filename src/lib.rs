@@ -25,7 +25,6 @@
 //! | [`metrics`] | metric names, descriptions, the Prometheus recorder |
 //! | [`backend`] | the reference relay backend, its pub/sub brokers and the demo |
 //! | [`backoff`] | exponential backoff for every retry loop |
-//! | [`workers`] | the threads that accept and serve client connections |
 
 pub mod access;
 pub mod admin;
@@ -55,7 +54,6 @@ pub mod sticky;
 pub mod timing;
 pub mod tls;
 pub mod upstream;
-pub mod workers;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -143,9 +141,6 @@ pub struct Gateway {
     /// The certificates of the TLS listeners and the rustls config built from
     /// them, swapped by a reload.
     tls: Option<TlsState>,
-    /// The threads that accept and serve clients; `None`: the runtime `run` is
-    /// called on does.
-    workers: Option<Arc<workers::Workers>>,
 }
 
 /// The TLS listeners' certificates and server config.
@@ -194,27 +189,14 @@ struct Running {
     /// Accept loops (proxy and admin).
     loops: TaskTracker,
     max_connections: usize,
-    workers: Option<Arc<workers::Workers>>,
 }
 
 impl Running {
     fn start_listener(&mut self, addr: std::net::SocketAddr, listener: TcpListener) {
         let stop = self.shared.stopping.child_token();
         self.listeners.insert(addr, stop.clone());
-        server::listening(&listener, "proxy");
-        let shared = self.shared.clone();
-        match self.workers.clone() {
-            Some(workers) => self.loops.spawn(async move {
-                workers
-                    .serve(listener, move |listener| {
-                        server::serve_until(listener, stop.clone(), shared.clone())
-                    })
-                    .await
-            }),
-            None => self
-                .loops
-                .spawn(server::serve_until(listener, stop, shared)),
-        };
+        self.loops
+            .spawn(server::serve_until(listener, stop, self.shared.clone()));
     }
 
     fn start_tls_listener(&mut self, addr: std::net::SocketAddr, listener: TcpListener) {
@@ -223,20 +205,12 @@ impl Running {
         };
         let stop = self.shared.stopping.child_token();
         self.tls_listeners.insert(addr, stop.clone());
-        server::listening(&listener, "tls");
-        let shared = self.shared.clone();
-        match self.workers.clone() {
-            Some(workers) => self.loops.spawn(async move {
-                workers
-                    .serve(listener, move |listener| {
-                        server::serve_tls(listener, stop.clone(), shared.clone(), config.clone())
-                    })
-                    .await
-            }),
-            None => self
-                .loops
-                .spawn(server::serve_tls(listener, stop, shared, config)),
-        };
+        self.loops.spawn(server::serve_tls(
+            listener,
+            stop,
+            self.shared.clone(),
+            config,
+        ));
     }
 
     fn start_admin(
@@ -294,15 +268,7 @@ impl Gateway {
             page: None,
             running: Mutex::new(None),
             tls,
-            workers: None,
         })
-    }
-
-    /// Accepts and serves clients on `workers` (`wsgate run`), not on the
-    /// runtime `run` is called on (tests, the demo).
-    pub fn with_workers(mut self, workers: Arc<workers::Workers>) -> Gateway {
-        self.workers = Some(workers);
-        self
     }
 
     /// Applies `config` as a difference from the running one: listeners added are
@@ -396,13 +362,6 @@ impl Gateway {
                 }
             }
             running.resize(config.server.max_connections);
-        }
-        if old.config.server.workers != config.server.workers {
-            tracing::warn!(
-                key = "server.workers",
-                "server.workers changed: it takes effect at the next start"
-            );
-            summary.restart("server.workers");
         }
         if old.config.server.backlog != config.server.backlog {
             // The queue length is fixed when a socket starts listening.
@@ -531,7 +490,6 @@ impl Gateway {
             admin,
             loops: loops.clone(),
             max_connections: config.server.max_connections,
-            workers: self.workers.clone(),
         };
         for (addr, listener) in config.server.listen.iter().zip(listeners.server) {
             running.start_listener(*addr, listener);

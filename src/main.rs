@@ -263,17 +263,13 @@ fn check(path: &Path) -> ExitCode {
 /// Descriptors a process needs besides its connections: listeners, Redis, logs,
 /// the config watch, health checks in flight.
 const SPARE_DESCRIPTORS: u64 = 64;
-/// And per accept worker: its runtime's poller and wake-up, its descriptor of
-/// each listener, its spare for refusing a client at the limit.
-const WORKER_DESCRIPTORS: u64 = 8;
 
 /// Raises the soft open-files limit to the hard one, and warns, with the numbers,
 /// when `max_connections` proxied connections (two descriptors each) cannot fit.
-fn raise_descriptor_limit(max_connections: usize, workers: usize) {
-    let own = SPARE_DESCRIPTORS.saturating_add(WORKER_DESCRIPTORS.saturating_mul(workers as u64));
+fn raise_descriptor_limit(max_connections: usize) {
     let needed = (max_connections as u64)
         .saturating_mul(2)
-        .saturating_add(own);
+        .saturating_add(SPARE_DESCRIPTORS);
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,
@@ -282,7 +278,7 @@ fn raise_descriptor_limit(max_connections: usize, workers: usize) {
             "the open-files limit cannot hold max_connections proxied connections (two descriptors each): \
              past {} connections, accepts and connects fail with EMFILE; lower [server] max_connections \
              or raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)",
-            limit.saturating_sub(own) / 2
+            limit.saturating_sub(SPARE_DESCRIPTORS) / 2
         ),
         Ok(limit) => tracing::debug!(limit, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
@@ -293,11 +289,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     wsgate::access::configure(&config.log.access);
     runtime()?.block_on(async move {
-        raise_descriptor_limit(config.server.max_connections, config.server.workers);
+        raise_descriptor_limit(config.server.max_connections);
         let listeners = Listeners::bind(&config).await?;
-        let workers = wsgate::workers::Workers::start(config.server.workers)
-            .context("starting the worker threads")?;
-        let gateway = std::sync::Arc::new(Gateway::new(&config)?.with_workers(workers));
+        let gateway = std::sync::Arc::new(Gateway::new(&config)?);
         let shutdown = CancellationToken::new();
         let stop_watch = CancellationToken::new();
         match wsgate::reload::watch(path.clone(), gateway.clone(), stop_watch.clone()) {

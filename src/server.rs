@@ -61,14 +61,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Logs where a listener accepts (once per listener, however many workers share
-/// it): tests and operators read the address from it.
-pub fn listening(listener: &TcpListener, what: &str) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "{what} listening");
-    }
-}
-
 /// Accepts on `listener` until `stop` and spawns `serve` for each connection on
 /// `tracker`. With `permits`, one is taken before each accept, so at the limit new
 /// clients wait in the kernel's backlog. Accept errors back off and retry, and never
@@ -84,6 +76,9 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "{what} listening");
+    }
     let mut backoff = Backoff::new(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
     let mut spare = descriptors::Spare::new();
     // One wait on the stop signal for the loop's life, looked at only when the
@@ -156,6 +151,11 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionRefused
     )
+}
+
+/// Accepts proxy clients on `listener` until shutdown.
+pub async fn serve(listener: TcpListener, shared: Shared) {
+    serve_until(listener, shared.stopping.clone(), shared).await
 }
 
 /// Accepts proxy clients on `listener` until `stop` (this listener removed by a
@@ -424,7 +424,6 @@ pub async fn serve_http<F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    listening(&listener, what);
     let tracker = TaskTracker::new();
     let connections = tracker.clone();
     let conn_stop = stop.clone();

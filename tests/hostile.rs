@@ -782,65 +782,6 @@ async fn listeners_get_the_configured_backlog() {
     assert_eq!(listen_backlog(default.addr), 4096.min(somaxconn));
 }
 
-/// The names of a process's threads that start with `prefix`, from /proc.
-fn threads_named(pid: u32, prefix: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
-        .filter(|name| name.starts_with(prefix))
-        .collect();
-    names.sort();
-    names
-}
-
-/// `[server] workers`: that many threads accept and serve clients (one per CPU
-/// when unset); 0 is refused with its position; a reload that changes it says it
-/// waits for the next start.
-#[tokio::test]
-async fn the_configured_workers_serve_clients() {
-    let backend = EchoBackend::start().await;
-    let routes = format!(
-        "{}{}",
-        route("/ws", "p"),
-        pool("p", &[(backend.addr, 1)], "")
-    );
-    let text = |workers: &str| format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{workers}{routes}");
-    let three = ProxyProcess::start_file(&text("workers = 3\n")).await;
-    assert_eq!(
-        threads_named(three.pid().expect("pid"), "wsgate-worker"),
-        ["wsgate-worker-0", "wsgate-worker-1", "wsgate-worker-2"]
-    );
-    let mut clients = Vec::new();
-    for i in 0..30 {
-        let mut ws = connect(&three.url("/ws")).await;
-        ws.send(Message::text(format!("m{i}"))).await.expect("send");
-        assert_eq!(next(&mut ws).await, Message::text(format!("m{i}")));
-        clients.push(ws);
-    }
-    assert_eq!(backend.open(), 30);
-    let unset = ProxyProcess::start_file(&text("")).await;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(
-        threads_named(unset.pid().expect("pid"), "wsgate-worker").len(),
-        cpus
-    );
-    let err = wsgate::Config::parse(&text("workers = 0\n"), "w.toml").expect_err("invalid");
-    assert!(
-        err.to_string()
-            .contains("w.toml:3:11: server.workers: 0 is out of range"),
-        "{err}"
-    );
-    let proxy = Proxy::start(&routes).await;
-    let changed = wsgate::Config::parse(&text(&format!("workers = {}\n", cpus + 1)), "r.toml")
-        .expect("valid");
-    let summary = proxy.gateway.reload(&changed).expect("reload");
-    assert!(
-        summary.contains("server.workers (at the next start)"),
-        "{summary}"
-    );
-}
-
 /// The soft and hard open-files limits of a process, from /proc.
 fn open_files_limits(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
@@ -862,14 +803,14 @@ async fn the_descriptor_limit_is_raised_and_a_misfit_warned_about() {
     let backend = EchoBackend::start().await;
     let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
     let (_, hard) = open_files_limits(std::process::id());
-    let fits = (hard.saturating_sub(80) / 2).clamp(1, 1000);
+    let fits = (hard.saturating_sub(64) / 2).clamp(1, 1000);
     let raised =
         ProxyProcess::start_soft_limited(&format!("max_connections = {fits}\n{routes}"), 128).await;
     let pid = raised.pid().expect("pid");
     assert_eq!(open_files_limits(pid), (hard, hard), "soft raised to hard");
     assert_eq!(raised.logged("open-files limit cannot hold"), 0);
     // More connections than the hard limit can hold: a warning naming the numbers.
-    let too_many = hard; // needs 2 × hard + 64 + 8 × 2 workers descriptors
+    let too_many = hard; // needs 2 × hard + 64 descriptors
     let warned =
         ProxyProcess::start_soft_limited(&format!("max_connections = {too_many}\n{routes}"), 128)
             .await;
@@ -881,7 +822,7 @@ async fn the_descriptor_limit_is_raised_and_a_misfit_warned_about() {
         )
         .await;
     assert_eq!(warned.logged(&format!("limit={hard}")), 1);
-    assert_eq!(warned.logged(&format!("needed={}", too_many * 2 + 80)), 1);
+    assert_eq!(warned.logged(&format!("needed={}", too_many * 2 + 64)), 1);
 }
 
 /// The path is normalised once, before routing: routing and the backend see the

@@ -50,9 +50,8 @@ async fn the_fd_limit_is_handled_and_existing_connections_are_unaffected() {
         route("/ws", "p"),
         pool("p", &[(backend.addr, 1)], "")
     );
-    // 74 descriptors: 28 for the runtimes (two accept workers), listeners and
-    // logs, two per proxied connection.
-    let proxy = ProxyProcess::start_limited(&config, Some(74)).await;
+    // 64 descriptors: a few for the runtime and listener, two per proxied connection.
+    let proxy = ProxyProcess::start_limited(&config, Some(64)).await;
 
     // Ask for more connections than it can hold, one at a time, each bounded.
     let mut held = Vec::new();
@@ -126,11 +125,10 @@ async fn out_of_descriptors_is_a_503_and_never_a_backend_failure() {
         route("/ws", "p"),
         pool("p", &[(backend.addr, 1)], "")
     );
-    let proxy = ProxyProcess::start_limited(&config, Some(74)).await;
+    let proxy = ProxyProcess::start_limited(&config, Some(64)).await;
     let admin = proxy.listening("admin").await;
 
-    // Twenty clients in normal service first: 40 of the 74 descriptors (28 are
-    // the process's own).
+    // Twenty clients in normal service first: 40 of the 64 descriptors.
     let mut steady = Vec::new();
     for _ in 0..20 {
         steady.push(

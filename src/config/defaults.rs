@@ -74,5 +74,3 @@ pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Connections the kernel queues per listener before wsgate accepts them.
 pub const BACKLOG: u32 = 4096;
-/// Most `[server] workers`: a thread each.
-pub const MAX_WORKERS: usize = 1024;

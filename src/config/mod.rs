@@ -193,9 +193,6 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Connections the kernel queues for each listener until wsgate accepts them.
     pub backlog: u32,
-    /// Threads that accept and serve client connections (`wsgate run`): each
-    /// connection stays on the one that accepted it.
-    pub workers: usize,
     /// How long a client has to send its whole upgrade request.
     pub handshake_timeout: Duration,
     /// Largest request head (request line + headers) accepted; larger gets 431.

@@ -83,7 +83,6 @@ pub(super) struct RawServer {
     pub(super) listen: Spanned<Vec<Spanned<String>>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) backlog: Option<Spanned<i64>>,
-    pub(super) workers: Option<Spanned<i64>>,
     pub(super) handshake_timeout: Option<Spanned<String>>,
     pub(super) max_header_bytes: Option<Spanned<RawSize>>,
     pub(super) watch_config: Option<bool>,

@@ -494,12 +494,6 @@ impl Report<'_> {
             1..=65535,
             u64::from(defaults::BACKLOG),
         ) as u32;
-        let workers = self.integer(
-            raw.workers.as_ref(),
-            "server.workers",
-            1..=defaults::MAX_WORKERS as u64,
-            crate::workers::default_count() as u64,
-        ) as usize;
         let handshake_timeout = self.duration(
             raw.handshake_timeout.as_ref(),
             "server.handshake_timeout",
@@ -545,7 +539,6 @@ impl Report<'_> {
             listen,
             max_connections,
             backlog,
-            workers,
             handshake_timeout,
             max_header_bytes,
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),

@@ -678,10 +678,8 @@ impl ProxyProcess {
     }
 
     /// As `start`, with the open-files limit of the process set to `fd_limit`.
-    /// Two accept workers whatever the machine: the descriptors a process holds
-    /// of its own do not depend on its cores.
     pub async fn start_limited(config: &str, fd_limit: Option<u32>) -> ProxyProcess {
-        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n{config}");
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
         ProxyProcess::spawn(&text, fd_limit).await
     }
 
@@ -694,7 +692,7 @@ impl ProxyProcess {
     /// As `start`, with only the soft open-files limit lowered to `soft` (the hard
     /// one stays).
     pub async fn start_soft_limited(config: &str, soft: u32) -> ProxyProcess {
-        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n{config}");
+        let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{config}");
         ProxyProcess::spawn_with(&text, Some(soft), "-Sn").await
     }
 
