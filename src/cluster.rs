@@ -695,7 +695,7 @@ impl Cluster {
             }
             let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
             others.announced(announce.i, announce.v, announce.c);
-            apply_remote(state, &sum(&others.counts));
+            apply_remote(state, &others.sum());
         };
         if let Err(e) = self.store.follow(&on, stop).await {
             tracing::warn!(error = %crate::Chain(&e), "count announcements: not followed");
@@ -814,7 +814,7 @@ impl Cluster {
                 Ok(remote) => {
                     let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
                     others.read(remote.counts, &remote.versions);
-                    apply_remote(state, &sum(&others.counts));
+                    apply_remote(state, &others.sum());
                     self.instances
                         .store(remote.instances.max(1), Ordering::Relaxed);
                     state.peers().set_live(&remote.others);
@@ -875,10 +875,16 @@ pub fn count_field(pool: &str, backend: &str) -> String {
 /// in the same transaction); what is known here only ever moves forward.
 #[derive(Debug, Default)]
 pub struct Known {
-    /// Instance → `POOL/BACKEND` → connections.
-    pub counts: Others,
-    /// Instance → the version of what `counts` holds for it.
-    versions: HashMap<String, u64>,
+    /// Instance → what is known of its counts.
+    pub instances: HashMap<String, Held>,
+}
+
+/// One instance's counts as known here, and their version.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub version: u64,
+    /// `POOL/BACKEND` → connections.
+    pub counts: HashMap<String, u64>,
 }
 
 impl Known {
@@ -886,32 +892,40 @@ impl Known {
     /// replaces what is known of it unless an announcement applied here is
     /// newer; instances not read (dead) are forgotten.
     pub fn read(&mut self, counts: Others, versions: &HashMap<String, u64>) {
-        let mut next = Known::default();
-        for (id, read) in counts {
+        let mut before = std::mem::take(&mut self.instances);
+        for (id, counts) in counts {
             let version = versions.get(&id).copied().unwrap_or(0);
-            let known = self.versions.get(&id).copied().unwrap_or(0);
-            let kept = match self.counts.remove(&id) {
-                Some(kept) if known > version => (kept, known),
-                _ => (read, version),
+            let held = match before.remove(&id) {
+                Some(held) if held.version > version => held,
+                _ => Held { version, counts },
             };
-            next.versions.insert(id.clone(), kept.1);
-            next.counts.insert(id, kept.0);
+            self.instances.insert(id, held);
         }
-        *self = next;
     }
 
     /// An instance's announcement of counts that changed, taken from its
     /// snapshot `version` (0: not numbered, always applied); one older than
     /// what is known of it is in what was read already.
     pub fn announced(&mut self, id: String, version: u64, changed: Vec<(String, u64)>) {
-        let known = self.versions.entry(id.clone()).or_default();
+        let held = self.instances.entry(id).or_default();
         if version != 0 {
-            if version <= *known {
+            if version <= held.version {
                 return;
             }
-            *known = version;
+            held.version = version;
         }
-        self.counts.entry(id).or_default().extend(changed);
+        held.counts.extend(changed);
+    }
+
+    /// The other instances' counts, summed per `POOL/BACKEND`.
+    fn sum(&self) -> HashMap<String, u64> {
+        let mut total: HashMap<String, u64> = HashMap::new();
+        for held in self.instances.values() {
+            for (field, n) in &held.counts {
+                *total.entry(field.clone()).or_default() += n;
+            }
+        }
+        total
     }
 }
 
@@ -938,17 +952,6 @@ fn local_counts(state: &State) -> HashMap<String, u64> {
         }
     }
     counts
-}
-
-/// The other instances' counts, summed per `POOL/BACKEND`.
-fn sum(others: &Others) -> HashMap<String, u64> {
-    let mut total: HashMap<String, u64> = HashMap::new();
-    for counts in others.values() {
-        for (field, n) in counts {
-            *total.entry(field.clone()).or_default() += n;
-        }
-    }
-    total
 }
 
 fn apply_remote(state: &State, remote: &HashMap<String, u64>) {
@@ -982,13 +985,22 @@ mod tests {
         let mut known = Known::default();
         read(&mut known, "a", 10, &[("p/b0", 3), ("p/b1", 20)]);
         known.announced("a".into(), 12, vec![("p/b0".into(), 0)]);
-        assert_eq!(known.counts["a"], counts(&[("p/b0", 0), ("p/b1", 20)]));
+        assert_eq!(
+            known.instances["a"].counts,
+            counts(&[("p/b0", 0), ("p/b1", 20)])
+        );
         // The next heartbeat reads the hash before the instance rewrote it.
         read(&mut known, "a", 10, &[("p/b0", 3), ("p/b1", 20)]);
-        assert_eq!(known.counts["a"], counts(&[("p/b0", 0), ("p/b1", 20)]));
+        assert_eq!(
+            known.instances["a"].counts,
+            counts(&[("p/b0", 0), ("p/b1", 20)])
+        );
         // Rewritten since: it replaces what is known.
         read(&mut known, "a", 13, &[("p/b0", 1), ("p/b1", 20)]);
-        assert_eq!(known.counts["a"], counts(&[("p/b0", 1), ("p/b1", 20)]));
+        assert_eq!(
+            known.instances["a"].counts,
+            counts(&[("p/b0", 1), ("p/b1", 20)])
+        );
     }
 
     /// An announcement older than the hash read is in it already.
@@ -997,9 +1009,9 @@ mod tests {
         let mut known = Known::default();
         read(&mut known, "a", 20, &[("p/b0", 5)]);
         known.announced("a".into(), 19, vec![("p/b0".into(), 7)]);
-        assert_eq!(known.counts["a"], counts(&[("p/b0", 5)]));
+        assert_eq!(known.instances["a"].counts, counts(&[("p/b0", 5)]));
         known.announced("a".into(), 21, vec![("p/b0".into(), 6)]);
-        assert_eq!(known.counts["a"], counts(&[("p/b0", 6)]));
+        assert_eq!(known.instances["a"].counts, counts(&[("p/b0", 6)]));
     }
 
     /// Instances that do not number their counts (version 0 in announcements,
@@ -1010,10 +1022,10 @@ mod tests {
         let mut known = Known::default();
         read(&mut known, "old", 1, &[("p/b0", 4)]);
         known.announced("old".into(), 0, vec![("p/b0".into(), 2)]);
-        assert_eq!(known.counts["old"], counts(&[("p/b0", 2)]));
+        assert_eq!(known.instances["old"].counts, counts(&[("p/b0", 2)]));
         read(&mut known, "old", 1, &[("p/b0", 3)]);
-        assert_eq!(known.counts["old"], counts(&[("p/b0", 3)]));
+        assert_eq!(known.instances["old"].counts, counts(&[("p/b0", 3)]));
         read(&mut known, "other", 5, &[("p/b0", 1)]);
-        assert!(!known.counts.contains_key("old"));
+        assert!(!known.instances.contains_key("old"));
     }
 }
