@@ -422,9 +422,13 @@ fn verdicts(all: &[Figures]) -> String {
             None => "n/a",
         };
         out.push_str(&format!(
-            "- {what}: {} (target {} {limit}): {verdict}\n",
+            "- {what}: {} (target {} {}): {verdict}\n",
             opt(value, 3),
-            if lower_is_better { "≤" } else { "≥" }
+            if lower_is_better { "≤" } else { "≥" },
+            // 0.9 as 0.9, a limit in MiB to three places.
+            format!("{limit:.3}")
+                .trim_end_matches('0')
+                .trim_end_matches('.')
         ));
     };
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
