@@ -73,13 +73,11 @@ pub struct Update {
     pub events: Vec<PresenceEvent>,
 }
 
-/// The other live instances' counts, summed per `POOL/BACKEND`.
+/// What a heartbeat reads of the live instances.
 #[derive(Debug, Default)]
 pub struct Remote {
-    /// Each other live instance's counts: instance → `POOL/BACKEND` → connections.
-    pub counts: Others,
-    /// Each other live instance's counts' version, as read with them.
-    pub versions: HashMap<String, u64>,
+    /// Each other live instance's counts and their version, read together.
+    pub counts: HashMap<String, Held>,
     /// Live instances, this one included.
     pub instances: usize,
     /// The other live instances' ids.
@@ -88,9 +86,6 @@ pub struct Remote {
     /// since the Unix epoch.
     pub members: Vec<(String, u64)>,
 }
-
-/// Instance → `POOL/BACKEND` → connections, for the other instances.
-pub type Others = HashMap<String, HashMap<String, u64>>;
 
 /// Called with each change another instance announces.
 pub type OnChange<'a> = &'a (dyn Fn(Announce) + Send + Sync);
@@ -155,8 +150,7 @@ impl Store for MemoryStore {
     fn remote(&self) -> StoreFuture<'_, Remote> {
         Box::pin(async {
             Ok(Remote {
-                counts: Others::new(),
-                versions: HashMap::new(),
+                counts: HashMap::new(),
                 instances: 1,
                 others: Vec::new(),
                 members: vec![(self.instance.clone(), now_ms())],
@@ -364,10 +358,8 @@ impl Store for RedisStore {
                 remote.others.push(id.clone());
                 let counts: HashMap<String, u64> =
                     redis::from_redis_value_ref(counts).unwrap_or_default();
-                remote.counts.insert(id.clone(), counts);
-                remote
-                    .versions
-                    .insert(id.clone(), version.parse().unwrap_or(0));
+                let version = version.parse().unwrap_or(0);
+                remote.counts.insert(id.clone(), Held { version, counts });
             }
             if !dead.is_empty() {
                 let mut pipe = redis::pipe();
@@ -813,7 +805,7 @@ impl Cluster {
             match self.store.remote().await {
                 Ok(remote) => {
                     let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
-                    others.read(remote.counts, &remote.versions);
+                    others.read(remote.counts);
                     apply_remote(state, &others.sum());
                     self.instances
                         .store(remote.instances.max(1), Ordering::Relaxed);
@@ -891,13 +883,12 @@ impl Known {
     /// A heartbeat's read: every live instance's hash. An instance's hash
     /// replaces what is known of it unless an announcement applied here is
     /// newer; instances not read (dead) are forgotten.
-    pub fn read(&mut self, counts: Others, versions: &HashMap<String, u64>) {
+    pub fn read(&mut self, read: HashMap<String, Held>) {
         let mut before = std::mem::take(&mut self.instances);
-        for (id, counts) in counts {
-            let version = versions.get(&id).copied().unwrap_or(0);
+        for (id, fresh) in read {
             let held = match before.remove(&id) {
-                Some(held) if held.version > version => held,
-                _ => Held { version, counts },
+                Some(held) if held.version > fresh.version => held,
+                _ => fresh,
             };
             self.instances.insert(id, held);
         }
@@ -973,8 +964,11 @@ mod tests {
     }
 
     fn read(known: &mut Known, id: &str, version: u64, pairs: &[(&str, u64)]) {
-        let versions = HashMap::from([(id.to_string(), version)]);
-        known.read(Others::from([(id.to_string(), counts(pairs))]), &versions);
+        let held = Held {
+            version,
+            counts: counts(pairs),
+        };
+        known.read(HashMap::from([(id.to_string(), held)]));
     }
 
     /// A hash written before the announcements already applied does not put
