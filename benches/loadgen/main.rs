@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use scenarios::percentile;
-use targets::{Target, cpu_seconds, rss_bytes};
+use targets::{Target, cpu_seconds, cpus, idle_seconds, rss_bytes};
 
 /// How big each scenario is.
 #[derive(Clone, Copy)]
@@ -68,6 +68,8 @@ struct Figures {
     upgrade_cpu_us: Option<f64>,
     /// Upgrades in each round, in order (the rounds' spread beside the median).
     upgrade_rounds: Vec<u64>,
+    /// What the upgrade rounds cost the machine, and how many upgrades they made.
+    upgrade_spent: Option<(Spent, u64)>,
     /// (connections held, RSS in bytes) at each idle level.
     idle: Vec<(usize, u64)>,
     /// Bytes per idle connection, from the slope between the first and last level.
@@ -91,39 +93,71 @@ const ROUNDS: usize = 3;
 /// phase of the machine can do to them.
 const UPGRADE_ROUNDS: usize = 6;
 
+/// What one target's turns cost, summed over the rounds: the target's own CPU
+/// seconds (none for `direct`), and where the rest of the machine's time went
+/// meanwhile: the echo servers' CPU, this load generator's, the CPUs' idle time,
+/// and the wall-clock time of the turns.
+#[derive(Default, Clone, Copy)]
+struct Spent {
+    proxy: Option<f64>,
+    echo: f64,
+    loadgen: f64,
+    idle: f64,
+    wall: f64,
+}
+
 /// Runs `scenario` on every target, round after round; returns per target the
-/// counts per round and the CPU seconds spent over all rounds.
-async fn rounds<F, Fut>(targets: &[Target], scenario: F) -> Vec<(Vec<u64>, Option<f64>)>
+/// counts per round and what the turns cost (the echo servers' process: `echo`).
+async fn rounds<F, Fut>(targets: &[Target], echo: u32, scenario: F) -> Vec<(Vec<u64>, Spent)>
 where
     F: Fn(Vec<SocketAddr>) -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
-    rounds_of(ROUNDS, targets, scenario).await
+    rounds_of(ROUNDS, targets, echo, scenario).await
 }
 
 /// [`rounds`], `n` of them.
 async fn rounds_of<F, Fut>(
     n: usize,
     targets: &[Target],
+    echo: u32,
     scenario: F,
-) -> Vec<(Vec<u64>, Option<f64>)>
+) -> Vec<(Vec<u64>, Spent)>
 where
     F: Fn(Vec<SocketAddr>) -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
-    let mut out: Vec<(Vec<u64>, Option<f64>)> = targets
+    let mut out: Vec<(Vec<u64>, Spent)> = targets
         .iter()
-        .map(|t| (Vec::new(), t.pid().map(|_| 0.0)))
+        .map(|t| {
+            let proxy = t.pid().map(|_| 0.0);
+            (
+                Vec::new(),
+                Spent {
+                    proxy,
+                    ..Spent::default()
+                },
+            )
+        })
         .collect();
+    let me = std::process::id();
     for _ in 0..n {
         for (i, target) in targets.iter().enumerate() {
-            let before = target.pid().map(cpu_seconds);
+            let proxy = target.pid().map(cpu_seconds);
+            let (echo_cpu, own, idle) = (cpu_seconds(echo), cpu_seconds(me), idle_seconds());
+            let started = std::time::Instant::now();
             let n = scenario(target.addrs.clone()).await;
-            let after = target.pid().map(cpu_seconds);
-            out[i].0.push(n);
-            if let (Some(total), Some(b), Some(a)) = (out[i].1.as_mut(), before, after) {
+            let spent = &mut out[i].1;
+            spent.wall += started.elapsed().as_secs_f64();
+            spent.echo += cpu_seconds(echo) - echo_cpu;
+            spent.loadgen += cpu_seconds(me) - own;
+            spent.idle += idle_seconds() - idle;
+            if let (Some(total), Some(b), Some(a)) =
+                (spent.proxy.as_mut(), proxy, target.pid().map(cpu_seconds))
+            {
                 *total += a - b;
             }
+            out[i].0.push(n);
         }
     }
     out
@@ -138,7 +172,7 @@ fn per_unit_us(cpu: Option<f64>, counts: &[u64]) -> Option<f64> {
     cpu.map(|c| c * 1e6 / counts.iter().sum::<u64>().max(1) as f64)
 }
 
-async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
+async fn measure(targets: &[Target], echo: u32, sizes: Sizes) -> Vec<Figures> {
     let mut all: Vec<Figures> = targets
         .iter()
         .map(|t| Figures {
@@ -172,41 +206,42 @@ async fn measure(targets: &[Target], sizes: Sizes) -> Vec<Figures> {
 
     eprintln!("64 B throughput ...");
     let conns = sizes.throughput_conns;
-    let small = rounds(targets, |a| async move {
+    let small = rounds(targets, echo, |a| async move {
         scenarios::throughput(&a, conns, 8, 64, window).await
     })
     .await;
-    for (f, (counts, cpu)) in all.iter_mut().zip(small) {
+    for (f, (counts, Spent { proxy: cpu, .. })) in all.iter_mut().zip(small) {
         f.small_cpu_us = per_unit_us(cpu, &counts);
         f.small_rate = median(counts) / window.as_secs_f64();
     }
 
     eprintln!("64 B throughput, one in flight ...");
-    let single = rounds(targets, |a| async move {
+    let single = rounds(targets, echo, |a| async move {
         scenarios::throughput(&a, conns, 1, 64, window).await
     })
     .await;
-    for (f, (counts, cpu)) in all.iter_mut().zip(single) {
+    for (f, (counts, Spent { proxy: cpu, .. })) in all.iter_mut().zip(single) {
         f.single_cpu_us = per_unit_us(cpu, &counts);
     }
 
     eprintln!("16 KiB throughput ...");
-    let big = rounds(targets, |a| async move {
+    let big = rounds(targets, echo, |a| async move {
         scenarios::throughput(&a, 50, 2, 16 * 1024, window).await
     })
     .await;
-    for (f, (counts, cpu)) in all.iter_mut().zip(big) {
+    for (f, (counts, Spent { proxy: cpu, .. })) in all.iter_mut().zip(big) {
         f.big_cpu_us = per_unit_us(cpu, &counts);
         f.big_mb_s = median(counts) * 16384.0 / window.as_secs_f64() / 1e6;
     }
 
     eprintln!("upgrades ...");
-    let ups = rounds_of(UPGRADE_ROUNDS, targets, |a| async move {
+    let ups = rounds_of(UPGRADE_ROUNDS, targets, echo, |a| async move {
         scenarios::upgrades(&a, 32, window).await
     })
     .await;
-    for (f, (counts, cpu)) in all.iter_mut().zip(ups) {
-        f.upgrade_cpu_us = per_unit_us(cpu, &counts);
+    for (f, (counts, spent)) in all.iter_mut().zip(ups) {
+        f.upgrade_cpu_us = per_unit_us(spent.proxy, &counts);
+        f.upgrade_spent = Some((spent, counts.iter().sum()));
         f.upgrade_rounds = counts.clone();
         f.upgrades_rate = median(counts) / window.as_secs_f64();
     }
@@ -512,7 +547,35 @@ fn verdicts(all: &[Figures]) -> String {
         );
     }
     out.extend(rounds_line);
+    out.extend(get("haproxy").and_then(|h| machine_line(w, h)));
     out
+}
+
+/// Where the machine's time went in the upgrade rounds, per upgrade: each
+/// process's CPU and the CPUs' idle share, through wsgate and through HAProxy.
+/// The machine is the limit in that scenario (the load generator and the echo
+/// servers share its cores with the proxy), so the rate's ratio is the ratio of
+/// the three processes' CPU per upgrade (inverted) times the ratio of the time
+/// the CPUs were busy; the line says which of the two moved it.
+fn machine_line(w: &Figures, h: &Figures) -> Option<String> {
+    let per = |f: &Figures| {
+        let (s, n) = f.upgrade_spent?;
+        let n = n.max(1) as f64;
+        let us = |secs: f64| secs * 1e6 / n;
+        let proxy = us(s.proxy?);
+        let idle = s.idle / (s.wall * cpus() as f64);
+        Some((proxy, us(s.echo), us(s.loadgen), idle))
+    };
+    let (wp, we, wl, wi) = per(w)?;
+    let (hp, he, hl, hi) = per(h)?;
+    let (wt, ht) = (wp + we + wl, hp + he + hl);
+    Some(format!(
+        "- upgrades, the machine's time per upgrade: through wsgate {wp:.1} + echo servers {we:.1} + load generator {wl:.1} = {wt:.1} CPU µs, CPUs {:.1}% idle; through haproxy {hp:.1} + {he:.1} + {hl:.1} = {ht:.1} µs, {:.1}% idle. The rate's ratio is the CPU of all three, haproxy's / wsgate's, {:.3} × the CPUs' busy time, wsgate's / haproxy's, {:.3}\n",
+        wi * 100.0,
+        hi * 100.0,
+        ht / wt,
+        (1.0 - wi) / (1.0 - hi),
+    ))
 }
 
 fn echo_server(count: usize) {
@@ -562,7 +625,7 @@ fn bare(listen: SocketAddr, backends: Vec<SocketAddr>) {
 /// installed) with the echo servers behind it; `only`: just these targets (by
 /// name), as `compare.sh --only wsgate`.
 fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]) -> Vec<Figures> {
-    let (_echo, backends) = targets::echo_servers();
+    let (echo, backends) = targets::echo_servers();
     let runtime = runtime();
     type Start<'a> = Box<dyn Fn() -> Option<Target> + 'a>;
     let starts: Vec<(&str, Start)> = vec![
@@ -606,7 +669,7 @@ fn compare(sizes: Sizes, wsgate_binary: &str, with_others: bool, only: &[String]
             None => eprintln!("{name}: not installed, skipped"),
         }
     }
-    runtime.block_on(measure(&running, sizes))
+    runtime.block_on(measure(&running, echo.pid, sizes))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -745,6 +808,23 @@ fn main() {
                 }
             }
             assert_eq!(all.len(), 3);
+            // The machine's time in the upgrade rounds was read: every process did
+            // work, and wsgate against itself reads as even.
+            let w = all
+                .iter()
+                .find(|f| f.name == "wsgate")
+                .expect("wsgate measured");
+            let (spent, count) = w.upgrade_spent.expect("upgrade rounds' cost");
+            assert!(
+                count > 0 && spent.wall > 0.0 && spent.echo > 0.0 && spent.loadgen > 0.0,
+                "upgrade rounds' cost: {count} upgrades, {:.3} s, echo {:.3} s, load generator {:.3} s",
+                spent.wall,
+                spent.echo,
+                spent.loadgen
+            );
+            let even = machine_line(w, w).expect("the machine's line");
+            assert!(even.contains("1.000 × the CPUs' busy time"), "{even}");
+            assert!(even.ends_with("1.000\n"), "{even}");
         }
     }
 }
