@@ -54,6 +54,7 @@ pub mod sticky;
 pub mod timing;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -362,6 +363,14 @@ impl Gateway {
                 }
             }
             running.resize(config.server.max_connections);
+        }
+        if old.config.server.pin_workers != config.server.pin_workers {
+            // The worker threads are placed when the runtime starts.
+            tracing::warn!(
+                key = "server.pin_workers",
+                "server.pin_workers changed: it takes effect at the next start"
+            );
+            summary.restart("server.pin_workers");
         }
         if old.config.server.backlog != config.server.backlog {
             // The queue length is fixed when a socket starts listening.

@@ -162,6 +162,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
+/// The proxy's runtime: with `pin` (`[server] pin_workers`) and one worker per CPU
+/// the process may use, each worker stays on a CPU of its own.
+fn proxy_runtime(pin: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = wsgate::workers::count();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers).enable_all();
+    if let Some(cpus) = wsgate::workers::plan(pin, workers, &wsgate::workers::allowed_cpus()) {
+        builder.on_thread_park(wsgate::workers::placer(cpus));
+    }
+    builder.build().context("starting the runtime")
+}
+
 /// Until the process ends: SIGINT/SIGTERM cancel `shutdown` (a second one exits at
 /// once); SIGHUP calls `reload`, when there is one.
 async fn signals(shutdown: CancellationToken, reload: Option<Box<dyn Fn() + Send>>) {
@@ -288,7 +300,7 @@ fn raise_descriptor_limit(max_connections: usize) {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     wsgate::access::configure(&config.log.access);
-    runtime()?.block_on(async move {
+    proxy_runtime(config.server.pin_workers)?.block_on(async move {
         raise_descriptor_limit(config.server.max_connections);
         let listeners = Listeners::bind(&config).await?;
         let gateway = std::sync::Arc::new(Gateway::new(&config)?);

@@ -342,3 +342,102 @@ fn the_dockerfile_is_multi_stage_and_runs_as_non_root() {
         }
     }
 }
+
+/// A `Cpus_allowed_list` ("0-1,4,6-7") as the CPUs it names.
+fn cpu_list(text: &str) -> BTreeSet<usize> {
+    text.trim()
+        .split(',')
+        .filter(|part| !part.is_empty())
+        .flat_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (usize, usize) = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+            a..=b
+        })
+        .collect()
+}
+
+/// The CPUs each thread named `tokio-rt-worker` of `pid` may run on.
+fn worker_masks(pid: u32) -> Vec<BTreeSet<usize>> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+        })
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let line = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some(cpu_list(line))
+        })
+        .collect()
+}
+
+/// `[server] pin_workers` (on by default): with one worker per CPU the process may
+/// use (this machine's case, unless `TOKIO_WORKER_THREADS` says otherwise), each
+/// worker thread is kept on a CPU of its own, every allowed CPU taken once; off,
+/// or with the counts apart, every worker may run on every allowed CPU.
+#[tokio::test]
+async fn workers_are_pinned_one_per_cpu() {
+    let own = std::fs::read_to_string("/proc/self/status").expect("own status");
+    let allowed = cpu_list(
+        own.lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list"),
+    );
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let backend = EchoBackend::start().await;
+    let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
+    for pin in [None, Some(false)] {
+        let setting = pin.map_or(String::new(), |p| format!("pin_workers = {p}\n"));
+        let proxy = ProxyProcess::start(&format!("{setting}{routes}")).await;
+        let pid = proxy.pid().expect("pid");
+        // Through the proxy once, so both workers have run and waited.
+        let mut ws = connect(&format!("ws://{}/", proxy.addr)).await;
+        futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("hi"))
+            .await
+            .expect("send");
+        assert_eq!(
+            next(&mut ws).await,
+            tokio_tungstenite::tungstenite::Message::text("hi")
+        );
+        let pinned = pin.unwrap_or(true) && workers == allowed.len();
+        let expected: Vec<BTreeSet<usize>> = allowed.iter().map(|&c| BTreeSet::from([c])).collect();
+        let mut masks = Vec::new();
+        wait_for("the workers' CPUs", Duration::from_secs(10), || {
+            masks = worker_masks(pid);
+            let mut singles: Vec<BTreeSet<usize>> = masks
+                .iter()
+                .filter(|m| m.len() == 1 && allowed.len() > 1)
+                .cloned()
+                .collect();
+            singles.sort();
+            if pinned {
+                singles == expected
+            } else {
+                singles.is_empty() && masks.contains(&allowed)
+            }
+        })
+        .await;
+        assert!(!masks.is_empty(), "no worker threads seen");
+        drop(ws);
+        drop(proxy);
+    }
+    // A reload that turns it off says it waits for the next start.
+    let running = Proxy::start(&routes).await;
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\npin_workers = false\n{routes}");
+    let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
+    let summary = running.gateway.reload(&config).expect("reload");
+    assert!(
+        summary.contains("server.pin_workers (at the next start)"),
+        "{summary}"
+    );
+}

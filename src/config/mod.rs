@@ -202,6 +202,9 @@ pub struct ServerConfig {
     /// Check every frame against RFC 6455 (masking, opcodes, RSV bits, fragments,
     /// close frames); off, only control frames over 125 bytes are refused.
     pub strict_frames: bool,
+    /// Keep each worker thread on a CPU of its own, when there are as many workers
+    /// as CPUs the process may run on (read at start; a reload waits for a restart).
+    pub pin_workers: bool,
     /// Connections one client address (IPv6: its /64) may hold; over it, 429.
     /// `None`: no limit.
     pub max_connections_per_ip: Option<u32>,

@@ -543,6 +543,7 @@ impl Report<'_> {
             max_header_bytes,
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
             strict_frames: raw.strict_frames.unwrap_or(defaults::STRICT_FRAMES),
+            pin_workers: raw.pin_workers.unwrap_or(defaults::PIN_WORKERS),
             max_connections_per_ip: raw.max_connections_per_ip.as_ref().map(|n| {
                 self.integer(
                     Some(n),
