@@ -377,10 +377,10 @@ fn worker_masks(pid: u32) -> Vec<BTreeSet<usize>> {
         .collect()
 }
 
-/// `[server] pin_workers` (on by default): with one worker per CPU the process may
-/// use (this machine's case, unless `TOKIO_WORKER_THREADS` says otherwise), each
-/// worker thread is kept on a CPU of its own, every allowed CPU taken once; off,
-/// or with the counts apart, every worker may run on every allowed CPU.
+/// `[server] pin_workers = true`: with one worker per CPU the process may use (this
+/// machine's case, unless `TOKIO_WORKER_THREADS` says otherwise), each worker
+/// thread is kept on a CPU of its own, every allowed CPU taken once; by default
+/// (off), or with the counts apart, every worker may run on every allowed CPU.
 #[tokio::test]
 async fn workers_are_pinned_one_per_cpu() {
     let own = std::fs::read_to_string("/proc/self/status").expect("own status");
@@ -396,7 +396,7 @@ async fn workers_are_pinned_one_per_cpu() {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let backend = EchoBackend::start().await;
     let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
-    for pin in [None, Some(false)] {
+    for pin in [Some(true), None] {
         let setting = pin.map_or(String::new(), |p| format!("pin_workers = {p}\n"));
         let proxy = ProxyProcess::start(&format!("{setting}{routes}")).await;
         let pid = proxy.pid().expect("pid");
@@ -409,7 +409,7 @@ async fn workers_are_pinned_one_per_cpu() {
             next(&mut ws).await,
             tokio_tungstenite::tungstenite::Message::text("hi")
         );
-        let pinned = pin.unwrap_or(true) && workers == allowed.len();
+        let pinned = pin.unwrap_or(false) && workers == allowed.len();
         let expected: Vec<BTreeSet<usize>> = allowed.iter().map(|&c| BTreeSet::from([c])).collect();
         let mut masks = Vec::new();
         wait_for("the workers' CPUs", Duration::from_secs(10), || {
@@ -431,9 +431,9 @@ async fn workers_are_pinned_one_per_cpu() {
         drop(ws);
         drop(proxy);
     }
-    // A reload that turns it off says it waits for the next start.
+    // A reload that turns it on says it waits for the next start.
     let running = Proxy::start(&routes).await;
-    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\npin_workers = false\n{routes}");
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\npin_workers = true\n{routes}");
     let config = wsgate::Config::parse(&text, "reload.toml").expect("valid");
     let summary = running.gateway.reload(&config).expect("reload");
     assert!(

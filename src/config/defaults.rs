@@ -11,7 +11,7 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const MIN_HEADER_BYTES: u64 = 8192;
 pub const MAX_HEADER_BYTES_LIMIT: u64 = 1024 * 1024;
 pub const WATCH_CONFIG: bool = true;
-pub const PIN_WORKERS: bool = true;
+pub const PIN_WORKERS: bool = false;
 /// RFC 6455 checks on every frame, both ways.
 pub const STRICT_FRAMES: bool = true;
 pub const SHUTDOWN_DELAY: Duration = Duration::ZERO;
