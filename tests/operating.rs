@@ -383,17 +383,10 @@ fn worker_masks(pid: u32) -> Vec<BTreeSet<usize>> {
 /// (off), or with the counts apart, every worker may run on every allowed CPU.
 #[tokio::test]
 async fn workers_are_pinned_one_per_cpu() {
-    let own = std::fs::read_to_string("/proc/self/status").expect("own status");
-    let allowed = cpu_list(
-        own.lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .expect("Cpus_allowed_list"),
-    );
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // The child inherits this process's affinity and environment.
+    let allowed: BTreeSet<usize> = wsgate::workers::allowed_cpus().into_iter().collect();
+    let workers = wsgate::workers::count();
+    let expected: Vec<BTreeSet<usize>> = allowed.iter().map(|&c| BTreeSet::from([c])).collect();
     let backend = EchoBackend::start().await;
     let routes = format!("{}{}", route("/", "p"), pool("p", &[(backend.addr, 1)], ""));
     for pin in [Some(true), None] {
@@ -410,7 +403,6 @@ async fn workers_are_pinned_one_per_cpu() {
             tokio_tungstenite::tungstenite::Message::text("hi")
         );
         let pinned = pin.unwrap_or(false) && workers == allowed.len();
-        let expected: Vec<BTreeSet<usize>> = allowed.iter().map(|&c| BTreeSet::from([c])).collect();
         let mut masks = Vec::new();
         wait_for("the workers' CPUs", Duration::from_secs(10), || {
             masks = worker_masks(pid);
