@@ -112,8 +112,11 @@ pub trait Store: Send + Sync {
     /// Checks that the store answers; called after start-up and after any
     /// failure, before everything is published again.
     fn connect(&self) -> StoreFuture<'_, ()>;
-    /// Writes this instance's state and refreshes its keys' TTL.
-    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, ()>;
+    /// Writes this instance's state and refreshes its keys' TTL. `false` when
+    /// its keys had expired before this write (it went three heartbeats without
+    /// one and the others took it for dead): what this write did not rewrite is
+    /// missing until everything is published again.
+    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, bool>;
     /// Reads the other live instances' counts.
     fn remote(&self) -> StoreFuture<'_, Remote>;
     /// Every live instance's entries for `user`.
@@ -143,8 +146,8 @@ impl Store for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn publish<'a>(&'a self, _update: &'a Update) -> StoreFuture<'a, ()> {
-        Box::pin(async { Ok(()) })
+    fn publish<'a>(&'a self, _update: &'a Update) -> StoreFuture<'a, bool> {
+        Box::pin(async { Ok(true) })
     }
 
     fn remote(&self) -> StoreFuture<'_, Remote> {
@@ -291,13 +294,15 @@ impl Store for RedisStore {
         })
     }
 
-    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, ()> {
+    fn publish<'a>(&'a self, update: &'a Update) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let id = &self.instance;
             let (conns, presence) = (self.keys.conns(id), self.keys.presence(id));
             let ttl = update.ttl.as_millis() as i64;
             let mut pipe = redis::pipe();
             pipe.atomic();
+            // The alive key shares the others' TTL: gone means they are gone too.
+            pipe.exists(self.keys.alive(id));
             if update.full {
                 pipe.del(&conns).ignore().del(&presence).ignore();
             }
@@ -325,7 +330,7 @@ impl Store for RedisStore {
                 pipe.publish(&self.keys.channel, serde_json::to_string(event)?)
                     .ignore();
             }
-            self.query::<()>(&pipe).await
+            self.query::<(bool,)>(&pipe).await.map(|(kept,)| kept)
         })
     }
 
@@ -721,6 +726,10 @@ impl Cluster {
                 sync.next_heartbeat = sync.next_heartbeat.min(Instant::now() + heartbeat);
             }
             self.step(state, &mut sync).await;
+            if sync.connected && sync.full {
+                // The step found this instance's keys expired: write them all now.
+                self.step(state, &mut sync).await;
+            }
         }
         if sync.connected {
             sync.next_heartbeat = Instant::now() + heartbeat;
@@ -794,11 +803,19 @@ impl Cluster {
             // Having no in-process subscriber is normal.
             let _ = self.events.send(event.clone());
         }
-        if let Err(e) = self.store.publish(&update).await {
-            return self.failed(state, sync, e);
-        }
+        let kept = match self.store.publish(&update).await {
+            Ok(kept) => kept,
+            Err(e) => return self.failed(state, sync, e),
+        };
         sync.published = counts;
-        sync.full = false;
+        // Keys that expired while this instance lived (a stall of three
+        // heartbeats): the next step, straight after this one, writes everything.
+        sync.full = !kept && !update.full;
+        if sync.full {
+            tracing::warn!(
+                "this instance's keys in redis had expired (no write for three heartbeats): publishing everything again"
+            );
+        }
         self.up.store(true, Ordering::Relaxed);
         if heartbeat_due {
             sync.next_heartbeat = now + self.heartbeat();

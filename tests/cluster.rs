@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -109,13 +110,9 @@ async fn a_killed_instance_share_vanishes_within_three_heartbeats() {
         .await;
     let _through_b = open(|i| b.url(&format!("/ws?user=u{i}")), 100..120).await;
     assert_eq!(b.counts("p"), vec![0, 10, 10]);
-    for key in [
-        "t:instance:a:conns",
-        "t:instance:a:presence",
-        "t:instance:a:alive",
-    ] {
-        assert!(redis.exists(key).await, "{key} before the kill");
-    }
+    // Present while A lives (polled: on a loaded machine a stall of three
+    // heartbeats expires them, and A writes them all again on its next step).
+    wait_keys_of_a(&redis, Duration::from_secs(5)).await;
 
     a.kill9().await;
     let killed = Instant::now();
@@ -149,6 +146,82 @@ async fn a_killed_instance_share_vanishes_within_three_heartbeats() {
         b.gateway.cluster().lookup("u0").await.expect("lookup"),
         vec![]
     );
+}
+
+/// Waits until all three of instance A's keys exist.
+async fn wait_keys_of_a(redis: &RedisServer, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut missing = Vec::new();
+        for key in [
+            "t:instance:a:conns",
+            "t:instance:a:presence",
+            "t:instance:a:alive",
+        ] {
+            if !redis.exists(key).await {
+                missing.push(key);
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing:?} still missing after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A's presence hash: user → its entries' JSON.
+async fn presence_of_a(redis: &RedisServer) -> HashMap<String, String> {
+    let mut conn = redis.conn().await;
+    redis::cmd("HGETALL")
+        .arg("t:instance:a:presence")
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL")
+}
+
+#[tokio::test]
+async fn keys_that_expired_while_the_instance_lived_are_all_written_again() {
+    let redis = RedisServer::start().await;
+    let backends = three_backends().await;
+    let base = routes_and_pool(&backends);
+    let a = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "a", "300ms"))).await;
+    let b = Proxy::start(&format!("{base}{}", cluster(&redis.url(), "b", "300ms"))).await;
+    let _through_a = open(|i| a.url(&format!("/ws?user=u{i}")), 0..6).await;
+    assert_eq!(a.counts("p"), vec![2, 2, 2]);
+    b.wait_remote("p", &[2, 2, 2], Duration::from_secs(5)).await;
+    wait_keys_of_a(&redis, Duration::from_secs(5)).await;
+    assert_eq!(presence_of_a(&redis).await.len(), 6);
+
+    // What three heartbeats without a write do (A stalled), while nothing
+    // changes on A afterwards: no count, no join or leave to write.
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg("t:instance:a:conns")
+        .arg("t:instance:a:presence")
+        .arg("t:instance:a:alive")
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+
+    // A writes everything again at its next heartbeat; B counts A's share again
+    // and finds its users.
+    wait_keys_of_a(&redis, Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while presence_of_a(&redis).await.len() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "A's presence never came back whole"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.wait_remote("p", &[2, 2, 2], Duration::from_secs(5)).await;
+    let found = b.gateway.cluster().lookup("u3").await.expect("lookup");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].instance, "a");
 }
 
 #[tokio::test]
