@@ -372,6 +372,14 @@ impl Gateway {
             );
             summary.restart("server.pin_workers");
         }
+        if old.config.server.yield_when_busy != config.server.yield_when_busy {
+            // The workers' park hook is set when the runtime starts.
+            tracing::warn!(
+                key = "server.yield_when_busy",
+                "server.yield_when_busy changed: it takes effect at the next start"
+            );
+            summary.restart("server.yield_when_busy");
+        }
         if old.config.server.backlog != config.server.backlog {
             // The queue length is fixed when a socket starts listening.
             tracing::warn!(

@@ -162,18 +162,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-/// The proxy's runtime: with `pin` (`[server] pin_workers`) and one worker per CPU
-/// the process may use, each worker stays on a CPU of its own.
-fn proxy_runtime(pin: bool) -> anyhow::Result<tokio::runtime::Runtime> {
-    let workers = wsgate::workers::count();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(workers).enable_all();
-    if let Some(cpus) = wsgate::workers::plan(pin, workers, &wsgate::workers::allowed_cpus()) {
-        builder.on_thread_park(wsgate::workers::placer(cpus));
-    }
-    builder.build().context("starting the runtime")
-}
-
 /// Until the process ends: SIGINT/SIGTERM cancel `shutdown` (a second one exits at
 /// once); SIGHUP calls `reload`, when there is one.
 async fn signals(shutdown: CancellationToken, reload: Option<Box<dyn Fn() + Send>>) {
@@ -300,24 +288,27 @@ fn raise_descriptor_limit(max_connections: usize) {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     wsgate::access::configure(&config.log.access);
-    proxy_runtime(config.server.pin_workers)?.block_on(async move {
-        raise_descriptor_limit(config.server.max_connections);
-        let listeners = Listeners::bind(&config).await?;
-        let gateway = std::sync::Arc::new(Gateway::new(&config)?);
-        let shutdown = CancellationToken::new();
-        let stop_watch = CancellationToken::new();
-        match wsgate::reload::watch(path.clone(), gateway.clone(), stop_watch.clone()) {
-            Ok(_) => tracing::debug!(path = %path.display(), "watching the config file"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config file: reload with SIGHUP")
+    let (pin, yield_when_busy) = (config.server.pin_workers, config.server.yield_when_busy);
+    wsgate::workers::runtime(pin, yield_when_busy)
+        .context("starting the runtime")?
+        .block_on(async move {
+            raise_descriptor_limit(config.server.max_connections);
+            let listeners = Listeners::bind(&config).await?;
+            let gateway = std::sync::Arc::new(Gateway::new(&config)?);
+            let shutdown = CancellationToken::new();
+            let stop_watch = CancellationToken::new();
+            match wsgate::reload::watch(path.clone(), gateway.clone(), stop_watch.clone()) {
+                Ok(_) => tracing::debug!(path = %path.display(), "watching the config file"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the config file: reload with SIGHUP")
+                }
             }
-        }
-        let reloading = gateway.clone();
-        let reload = move || wsgate::reload::apply_file(&reloading, &path, "SIGHUP");
-        tokio::spawn(signals(shutdown.clone(), Some(Box::new(reload))));
-        gateway.run(listeners, shutdown).await;
-        stop_watch.cancel();
-        tracing::info!("stopped");
-        Ok(())
-    })
+            let reloading = gateway.clone();
+            let reload = move || wsgate::reload::apply_file(&reloading, &path, "SIGHUP");
+            tokio::spawn(signals(shutdown.clone(), Some(Box::new(reload))));
+            gateway.run(listeners, shutdown).await;
+            stop_watch.cancel();
+            tracing::info!("stopped");
+            Ok(())
+        })
 }

@@ -12,6 +12,7 @@ pub const MIN_HEADER_BYTES: u64 = 8192;
 pub const MAX_HEADER_BYTES_LIMIT: u64 = 1024 * 1024;
 pub const WATCH_CONFIG: bool = true;
 pub const PIN_WORKERS: bool = false;
+pub const YIELD_WHEN_BUSY: bool = true;
 /// RFC 6455 checks on every frame, both ways.
 pub const STRICT_FRAMES: bool = true;
 pub const SHUTDOWN_DELAY: Duration = Duration::ZERO;

@@ -205,6 +205,9 @@ pub struct ServerConfig {
     /// Keep each worker thread on a CPU of its own, when there are as many workers
     /// as CPUs the process may run on (read at start; a reload waits for a restart).
     pub pin_workers: bool,
+    /// A worker that ran [`crate::workers::BUSY_BEFORE_YIELD`] or longer since it
+    /// last woke yields its CPU once before it waits for events (read at start).
+    pub yield_when_busy: bool,
     /// Connections one client address (IPv6: its /64) may hold; over it, 429.
     /// `None`: no limit.
     pub max_connections_per_ip: Option<u32>,

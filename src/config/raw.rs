@@ -88,6 +88,7 @@ pub(super) struct RawServer {
     pub(super) watch_config: Option<bool>,
     pub(super) strict_frames: Option<bool>,
     pub(super) pin_workers: Option<bool>,
+    pub(super) yield_when_busy: Option<bool>,
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
     pub(super) max_upgrades_per_ip: Option<Spanned<i64>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,

@@ -544,6 +544,7 @@ impl Report<'_> {
             watch_config: raw.watch_config.unwrap_or(defaults::WATCH_CONFIG),
             strict_frames: raw.strict_frames.unwrap_or(defaults::STRICT_FRAMES),
             pin_workers: raw.pin_workers.unwrap_or(defaults::PIN_WORKERS),
+            yield_when_busy: raw.yield_when_busy.unwrap_or(defaults::YIELD_WHEN_BUSY),
             max_connections_per_ip: raw.max_connections_per_ip.as_ref().map(|n| {
                 self.integer(
                     Some(n),
