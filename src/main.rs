@@ -143,7 +143,10 @@ fn main() -> ExitCode {
                 backends: 3,
                 tls_port: tls.then_some(8443),
             };
-            runtime().and_then(|rt| rt.block_on(demo(options)))
+            // The demo's proxy runs as `wsgate run` does by default.
+            wsgate::workers::runtime(false, true)
+                .context("starting the runtime")
+                .and_then(|rt| rt.block_on(demo(options)))
         }
     };
     match result {
