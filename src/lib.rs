@@ -364,21 +364,19 @@ impl Gateway {
             }
             running.resize(config.server.max_connections);
         }
-        if old.config.server.pin_workers != config.server.pin_workers {
-            // The worker threads are placed when the runtime starts.
-            tracing::warn!(
-                key = "server.pin_workers",
-                "server.pin_workers changed: it takes effect at the next start"
-            );
-            summary.restart("server.pin_workers");
-        }
-        if old.config.server.yield_when_busy != config.server.yield_when_busy {
-            // The workers' park hook is set when the runtime starts.
-            tracing::warn!(
-                key = "server.yield_when_busy",
-                "server.yield_when_busy changed: it takes effect at the next start"
-            );
-            summary.restart("server.yield_when_busy");
+        // How the worker threads run is set when the runtime starts.
+        let (was, now) = (&old.config.server, &config.server);
+        for (key, changed) in [
+            ("server.pin_workers", was.pin_workers != now.pin_workers),
+            (
+                "server.yield_when_busy",
+                was.yield_when_busy != now.yield_when_busy,
+            ),
+        ] {
+            if changed {
+                tracing::warn!(key, "{key} changed: it takes effect at the next start");
+                summary.restart(key);
+            }
         }
         if old.config.server.backlog != config.server.backlog {
             // The queue length is fixed when a socket starts listening.

@@ -34,18 +34,15 @@ pub fn runtime(pin: bool, yield_when_busy: bool) -> std::io::Result<tokio::runti
     if yield_when_busy {
         builder.on_thread_unpark(woke);
     }
-    match (place, yield_when_busy) {
-        (None, false) => {}
-        (place, yield_when_busy) => {
-            builder.on_thread_park(move || {
-                if let Some(place) = &place {
-                    place();
-                }
-                if yield_when_busy {
-                    yield_if_busy(BUSY_BEFORE_YIELD);
-                }
-            });
-        }
+    if place.is_some() || yield_when_busy {
+        builder.on_thread_park(move || {
+            if let Some(place) = &place {
+                place();
+            }
+            if yield_when_busy {
+                yield_if_busy(BUSY_BEFORE_YIELD);
+            }
+        });
     }
     builder.build()
 }

@@ -119,11 +119,7 @@ async fn a_killed_instance_share_vanishes_within_three_heartbeats() {
     let mut gone_after = None;
     for _ in 0..200 {
         let mut any = false;
-        for key in [
-            "t:instance:a:conns",
-            "t:instance:a:presence",
-            "t:instance:a:alive",
-        ] {
+        for key in A_KEYS {
             any |= redis.exists(key).await;
         }
         if !any {
@@ -148,16 +144,19 @@ async fn a_killed_instance_share_vanishes_within_three_heartbeats() {
     );
 }
 
+/// Instance A's keys in cluster `t`.
+const A_KEYS: [&str; 3] = [
+    "t:instance:a:conns",
+    "t:instance:a:presence",
+    "t:instance:a:alive",
+];
+
 /// Waits until all three of instance A's keys exist.
 async fn wait_keys_of_a(redis: &RedisServer, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         let mut missing = Vec::new();
-        for key in [
-            "t:instance:a:conns",
-            "t:instance:a:presence",
-            "t:instance:a:alive",
-        ] {
+        for key in A_KEYS {
             if !redis.exists(key).await {
                 missing.push(key);
             }
@@ -200,9 +199,7 @@ async fn keys_that_expired_while_the_instance_lived_are_all_written_again() {
     // changes on A afterwards: no count, no join or leave to write.
     let mut conn = redis.conn().await;
     let _: () = redis::cmd("DEL")
-        .arg("t:instance:a:conns")
-        .arg("t:instance:a:presence")
-        .arg("t:instance:a:alive")
+        .arg(&A_KEYS[..])
         .query_async(&mut conn)
         .await
         .expect("DEL");
