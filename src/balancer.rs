@@ -36,17 +36,24 @@ pub struct Env {
 
 /// What the balancer knows of the other instances: how many are live (as of the
 /// last heartbeat) and, for each, when it sent the last count announcement that
-/// reached this instance: its counts are known up to then.
+/// reached this instance (its counts are known up to then) and how many picks it
+/// had made in the [`BURST_LEAD_MS`] before (how far into a burst it was).
 #[derive(Debug, Default)]
 pub struct Peers {
     others: AtomicU64,
-    /// Instance → send time (ms since the epoch) of its latest announcement.
-    heard: Mutex<std::collections::HashMap<String, u64>>,
+    /// Instance → its latest announcement that reached here.
+    heard: Mutex<std::collections::HashMap<String, Heard>>,
     /// Those send times, one per live other instance (0: not heard from yet; the
     /// first [`PEER_SLOTS`] of them, the last slot standing for the rest by their
     /// oldest): picks of this instance since then may be mirrored by a burst that
     /// instance has not announced yet.
     known_until: [AtomicU64; PEER_SLOTS],
+    /// Beside each send time, that instance's picks in the [`BURST_LEAD_MS`]
+    /// before (`u64::MAX`: not said, as by an instance of a version that did
+    /// not say it).
+    known_recent: [AtomicU64; PEER_SLOTS],
+    /// This instance's picks (of every pool) in the last [`BURST_MEMORY_MS`].
+    picks: PickBuckets,
     /// Upgrades this instance is handling now: a pick counts as part of a burst
     /// only while others are in flight beside it.
     in_flight: AtomicU64,
@@ -69,6 +76,55 @@ impl Drop for InFlight {
     }
 }
 
+/// An instance's latest announcement, as far as the burst rule needs it.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    /// Its send time, ms since the epoch.
+    sent: u64,
+    /// Its picks in the [`BURST_LEAD_MS`] before `sent`, if it said.
+    recent: Option<u64>,
+}
+
+/// Picks of the last [`BURST_MEMORY_MS`] in buckets of [`BURST_BUCKET_MS`]: per
+/// bucket, its number (epoch ms / bucket) and the picks in it.
+#[derive(Debug)]
+struct PickBuckets {
+    bucket: [AtomicU64; BURST_BUCKETS],
+    picks: [AtomicU32; BURST_BUCKETS],
+}
+
+impl Default for PickBuckets {
+    fn default() -> PickBuckets {
+        PickBuckets {
+            bucket: std::array::from_fn(|_| AtomicU64::new(0)),
+            picks: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+}
+
+impl PickBuckets {
+    /// One pick at `now` (ms since the epoch).
+    fn note(&self, now: u64) {
+        let bucket = now / BURST_BUCKET_MS;
+        let slot = (bucket % BURST_BUCKETS as u64) as usize;
+        if self.bucket[slot].swap(bucket, Ordering::Relaxed) != bucket {
+            self.picks[slot].store(0, Ordering::Relaxed);
+        }
+        self.picks[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The picks after `since` (ms since the epoch; see [`picks_since`]).
+    fn since(&self, since: u64) -> u64 {
+        picks_since(
+            since,
+            self.bucket
+                .iter()
+                .zip(&self.picks)
+                .map(|(b, n)| (b.load(Ordering::Relaxed), n.load(Ordering::Relaxed))),
+        )
+    }
+}
+
 /// Other instances accounted one by one; beyond, the last slot counts for all.
 const PEER_SLOTS: usize = 8;
 
@@ -81,31 +137,49 @@ impl Peers {
         self.update(&heard);
     }
 
-    /// An announcement of `instance`, sent at `sent` (ms since the epoch).
-    pub fn heard(&self, instance: &str, sent: u64) {
+    /// An announcement of `instance`, sent at `sent` (ms since the epoch) when it
+    /// had made `recent` picks in the [`BURST_LEAD_MS`] before. An instance
+    /// heard from is live, even before this one's next heartbeat lists it (it may
+    /// have started since the last): its picks are accounted from now.
+    pub fn heard(&self, instance: &str, sent: u64, recent: Option<u64>) {
         let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        heard.insert(instance.to_string(), sent);
+        heard.insert(instance.to_string(), Heard { sent, recent });
+        self.others.fetch_max(heard.len() as u64, Ordering::Relaxed);
         self.update(&heard);
     }
 
-    fn update(&self, heard: &std::collections::HashMap<String, u64>) {
+    fn update(&self, heard: &std::collections::HashMap<String, Heard>) {
         let others = self.others.load(Ordering::Relaxed) as usize;
-        let mut times: Vec<u64> = heard.values().copied().collect();
+        let mut known: Vec<Heard> = heard.values().copied().collect();
         // An instance not heard from at all: nothing is known of its picks.
-        times.resize(others.max(times.len()), 0);
-        times.sort_unstable_by(|a, b| b.cmp(a));
-        for (slot, until) in self.known_until.iter().enumerate() {
+        let unknown = Heard {
+            sent: 0,
+            recent: None,
+        };
+        known.resize(others.max(known.len()), unknown);
+        known.sort_unstable_by_key(|h| std::cmp::Reverse(h.sent));
+        let slots = self.known_until.iter().zip(&self.known_recent);
+        for (slot, (until, recent)) in slots.enumerate() {
             let value = if slot + 1 < PEER_SLOTS {
-                times.get(slot).copied().unwrap_or(u64::MAX)
+                known.get(slot).copied()
             } else {
-                times[slot.min(times.len())..]
+                known[slot.min(known.len())..]
                     .iter()
                     .copied()
-                    .min()
-                    .unwrap_or(u64::MAX)
+                    .min_by_key(|h| h.sent)
             };
-            until.store(value, Ordering::Relaxed);
+            let (sent, picks) = value.map_or((u64::MAX, u64::MAX), |h| {
+                (h.sent, h.recent.unwrap_or(u64::MAX))
+            });
+            recent.store(picks, Ordering::Relaxed);
+            until.store(sent, Ordering::Relaxed);
         }
+    }
+
+    /// This instance's picks in the last [`BURST_LEAD_MS`], for its
+    /// announcements.
+    pub fn recent_picks(&self) -> u64 {
+        self.picks.since(epoch_ms().saturating_sub(BURST_LEAD_MS))
     }
 }
 
@@ -122,8 +196,15 @@ impl Default for Env {
 
 /// A pick of this instance is assumed mirrored by each other instance (a burst
 /// reaches them too) until an announcement sent after it says what they really
-/// did, and for this long at the most.
+/// did, and for this long at the most; an instance that had made more picks of
+/// its own in the [`BURST_LEAD_MS`] before it last spoke than this one has made
+/// since the same moment is not assumed to mirror the picks by which this one
+/// is behind it (a burst is shared by the instances: one that is ahead of this
+/// one has taken its share already, as far as can be told).
 pub const BURST_MEMORY_MS: u64 = 100;
+/// How far back the instances compare their picks in a burst: short, so that
+/// the picks before a burst do not count.
+pub const BURST_LEAD_MS: u64 = 20;
 /// The picks are remembered in buckets of this many ms.
 const BURST_BUCKET_MS: u64 = 5;
 const BURST_BUCKETS: usize = (BURST_MEMORY_MS / BURST_BUCKET_MS) as usize;
@@ -220,10 +301,8 @@ pub struct Backend {
     /// goes to it each time this reaches a thousand.
     slow_credit: AtomicU32,
     changed: Arc<CountsChanged>,
-    /// This instance's picks of the last [`BURST_MEMORY_MS`]: per bucket, its
-    /// number (epoch ms / bucket) and the picks in it.
-    recent_bucket: [AtomicU64; BURST_BUCKETS],
-    recent_picks: [AtomicU32; BURST_BUCKETS],
+    /// This instance's picks of it in the last [`BURST_MEMORY_MS`].
+    recent: PickBuckets,
     peers: Arc<Peers>,
 }
 
@@ -288,8 +367,7 @@ impl Backend {
             slow_since: AtomicU64::new(0),
             slow_credit: AtomicU32::new(0),
             changed: env.changed.clone(),
-            recent_bucket: std::array::from_fn(|_| AtomicU64::new(0)),
-            recent_picks: std::array::from_fn(|_| AtomicU32::new(0)),
+            recent: PickBuckets::default(),
             peers: env.peers.clone(),
         };
         backend.set_drain(|d| d.configured = config.drain);
@@ -506,27 +584,39 @@ impl Backend {
 
     /// What a pick weighs: the load, plus the picks of this instance that each
     /// other instance is assumed to have mirrored (a burst reaches them too)
-    /// since its last announcement that reached here.
+    /// since its last announcement that reached here, as far as this instance
+    /// was not behind it in the burst then.
     fn pick_load(&self) -> u64 {
-        let others = self.peers.others.load(Ordering::Relaxed);
+        self.pick_load_at(epoch_ms())
+    }
+
+    /// [`Backend::pick_load`] at `now` (ms since the epoch).
+    fn pick_load_at(&self, now: u64) -> u64 {
+        let peers = &self.peers;
+        let others = peers.others.load(Ordering::Relaxed);
         if others == 0 {
             return self.load();
         }
-        let now = epoch_ms();
         let oldest = now.saturating_sub(BURST_MEMORY_MS);
         let mut mirrored = 0u64;
-        for (slot, until) in self.peers.known_until.iter().enumerate() {
+        let slots = peers.known_until.iter().zip(&peers.known_recent);
+        for (slot, (until, theirs)) in slots.enumerate() {
             let until = until.load(Ordering::Relaxed);
             if until == u64::MAX {
                 continue;
             }
-            let recent = picks_since(
-                until.max(oldest),
-                self.recent_bucket
-                    .iter()
-                    .zip(&self.recent_picks)
-                    .map(|(b, n)| (b.load(Ordering::Relaxed), n.load(Ordering::Relaxed))),
-            );
+            let since = until.max(oldest);
+            let mut recent = self.recent.since(since);
+            let theirs = theirs.load(Ordering::Relaxed);
+            if recent > 0 && theirs != u64::MAX && until >= oldest + BURST_LEAD_MS {
+                // Of this instance's picks since then, the share by which it has
+                // gone beyond that instance: picks from [`BURST_LEAD_MS`] before
+                // it spoke, its then and this one's now.
+                let mine = peers.picks.since(until - BURST_LEAD_MS);
+                let after = peers.picks.since(since).max(1);
+                let owed = mine.saturating_sub(theirs).min(after);
+                recent = (recent * owed + after / 2) / after;
+            }
             // The last slot stands for every instance beyond the others.
             let times = if slot + 1 == PEER_SLOTS {
                 others.saturating_sub(PEER_SLOTS as u64 - 1).max(1)
@@ -541,17 +631,17 @@ impl Backend {
     /// Remembers a pick made in a burst (other upgrades in flight beside it), when
     /// there are other instances to mirror it.
     fn note_pick(&self) {
+        self.note_pick_at(epoch_ms());
+    }
+
+    fn note_pick_at(&self, now: u64) {
         if self.peers.others.load(Ordering::Relaxed) == 0
             || self.peers.in_flight.load(Ordering::Relaxed) < 2
         {
             return;
         }
-        let bucket = epoch_ms() / BURST_BUCKET_MS;
-        let slot = (bucket % BURST_BUCKETS as u64) as usize;
-        if self.recent_bucket[slot].swap(bucket, Ordering::Relaxed) != bucket {
-            self.recent_picks[slot].store(0, Ordering::Relaxed);
-        }
-        self.recent_picks[slot].fetch_add(1, Ordering::Relaxed);
+        self.recent.note(now);
+        self.peers.picks.note(now);
     }
 
     pub fn is_draining(&self) -> bool {
@@ -1005,6 +1095,48 @@ mod tests {
         assert_eq!(picks_since(1005, buckets.into_iter()), 4);
         assert_eq!(picks_since(1010, buckets.into_iter()), 0);
         assert_eq!(picks_since(990, buckets.into_iter()), 21);
+    }
+
+    /// The burst rule, at set times: a peer heard from (no heartbeat needed) is
+    /// assumed to mirror this instance's picks made after it spoke, except those
+    /// by which this instance is behind it in the burst.
+    #[test]
+    fn a_peer_ahead_in_a_burst_is_not_assumed_to_mirror_the_picks_that_catch_up() {
+        let t = 1_000_000;
+        let pool = pool(&[1]);
+        let backend = &pool.backends[0];
+        let peers = &backend.peers;
+        // Upgrades in flight beside each other: a burst.
+        let _in_flight = [InFlight::new(peers), InFlight::new(peers)];
+        // Before anyone is heard from, a pick is this instance's alone (and not
+        // remembered for the rule).
+        backend.note_pick_at(t);
+        assert_eq!(backend.pick_load_at(t + 1), 0);
+        // The peer spoke at t + 10 having made 30 picks in the 20 ms before; this
+        // instance then made 10 (5 ms apart from it, in buckets of their own).
+        peers.heard("b", t + 10, Some(30));
+        for _ in 0..10 {
+            backend.note_pick_at(t + 15);
+        }
+        // 10 picks since t - 10 against its 30: behind, so none is mirrored.
+        assert_eq!(backend.pick_load_at(t + 16), 0);
+        // 40 more: 50 against 30, the 20 beyond it are.
+        for _ in 0..40 {
+            backend.note_pick_at(t + 20);
+        }
+        assert_eq!(backend.pick_load_at(t + 21), 20);
+        // A peer that had made none: every pick after it spoke is mirrored.
+        peers.heard("b", t + 10, Some(0));
+        assert_eq!(backend.pick_load_at(t + 21), 50);
+        // An instance of a version that does not say: the same.
+        peers.heard("b", t + 10, None);
+        assert_eq!(backend.pick_load_at(t + 21), 50);
+        // Once it speaks after the picks, they are known, not assumed.
+        peers.heard("b", t + 25, Some(0));
+        assert_eq!(backend.pick_load_at(t + 26), 0);
+        // Long after, nothing of the burst is assumed any more.
+        peers.heard("b", t + 10, Some(0));
+        assert_eq!(backend.pick_load_at(t + 25 + BURST_MEMORY_MS), 0);
     }
 
     #[test]

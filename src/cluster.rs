@@ -91,7 +91,7 @@ pub struct Remote {
 pub type OnChange<'a> = &'a (dyn Fn(Announce) + Send + Sync);
 
 /// A change of counts as announced on `NAME:counts`:
-/// `{"i":"edge-1","t":1764400000000,"c":[["chat/10.0.0.1:9000",37]]}`.
+/// `{"i":"edge-1","t":1764400000000,"v":12,"c":[["chat/10.0.0.1:9000",37]],"r":9}`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Announce {
     /// The instance.
@@ -105,6 +105,10 @@ pub struct Announce {
     pub v: u64,
     /// `POOL/BACKEND` → its connections now.
     pub c: Vec<(String, u64)>,
+    /// Its picks in the burst memory before `t` (absent from a version that did
+    /// not send it: then it is assumed to mirror every pick).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<u64>,
 }
 
 /// Where cluster state lives.
@@ -127,7 +131,12 @@ pub trait Store: Send + Sync {
     fn presence_totals(&self) -> StoreFuture<'_, PresenceTotals>;
     /// Announces this instance's counts that just changed, for the others to
     /// apply before the next heartbeat.
-    fn announce<'a>(&'a self, counts: &'a [(String, u64)], version: u64) -> StoreFuture<'a, ()>;
+    fn announce<'a>(
+        &'a self,
+        counts: &'a [(String, u64)],
+        version: u64,
+        recent: u64,
+    ) -> StoreFuture<'a, ()>;
     /// Follows the others' announcements until `stop`, reconnecting as needed.
     fn follow<'a>(&'a self, on: OnChange<'a>, stop: &'a CancellationToken) -> StoreFuture<'a, ()>;
 }
@@ -161,7 +170,12 @@ impl Store for MemoryStore {
         })
     }
 
-    fn announce<'a>(&'a self, _counts: &'a [(String, u64)], _version: u64) -> StoreFuture<'a, ()> {
+    fn announce<'a>(
+        &'a self,
+        _counts: &'a [(String, u64)],
+        _version: u64,
+        _recent: u64,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 
@@ -415,13 +429,19 @@ impl Store for RedisStore {
         })
     }
 
-    fn announce<'a>(&'a self, counts: &'a [(String, u64)], version: u64) -> StoreFuture<'a, ()> {
+    fn announce<'a>(
+        &'a self,
+        counts: &'a [(String, u64)],
+        version: u64,
+        recent: u64,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let announce = Announce {
                 i: self.instance.clone(),
                 t: now_ms(),
                 v: version,
                 c: counts.to_vec(),
+                r: Some(recent),
             };
             let mut pipe = redis::pipe();
             pipe.publish(&self.keys.counts, serde_json::to_string(&announce)?)
@@ -659,7 +679,9 @@ impl Cluster {
                     .map(|(k, v)| (k.clone(), *v))
                     .collect();
                 let ack = self.ack_due.load(Ordering::Relaxed) && acked.elapsed() >= ACK_EVERY;
-                if (!moved.is_empty() || ack) && self.store.announce(&moved, version).await.is_ok()
+                let recent = state.peers().recent_picks();
+                if (!moved.is_empty() || ack)
+                    && self.store.announce(&moved, version, recent).await.is_ok()
                 {
                     announced = counts;
                     self.ack_due.store(false, Ordering::Relaxed);
@@ -684,7 +706,7 @@ impl Cluster {
     /// Applies the other instances' announcements as they arrive.
     async fn follow(&self, state: &State, stop: &CancellationToken) {
         let on = |announce: Announce| {
-            state.peers().heard(&announce.i, announce.t);
+            state.peers().heard(&announce.i, announce.t, announce.r);
             if !announce.c.is_empty() {
                 // Acknowledge a change with one of ours (perhaps empty).
                 self.ack_due.store(true, Ordering::Relaxed);

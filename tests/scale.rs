@@ -500,6 +500,13 @@ async fn admin_address(proxy: &ProxyProcess) -> SocketAddr {
         .expect("the admin listener's address in the log")
 }
 
+/// How many live instances (itself included) an instance lists in `/stats`.
+async fn instances_seen(admin: SocketAddr) -> usize {
+    let (_, json) = http_get(admin, "/stats", "").await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    json["instances"].as_array().map_or(0, Vec::len)
+}
+
 /// This instance's view of the pool through its admin API: (connections,
 /// cluster connections) per backend.
 async fn backends_seen(admin: SocketAddr) -> Vec<(u64, u64)> {
@@ -556,6 +563,12 @@ async fn burst_through(instances: usize) -> Vec<usize> {
     }
     for admin in &admins {
         let deadline = Instant::now() + Duration::from_secs(10);
+        // Every instance knows the others (a heartbeat has listed them), so the
+        // burst meets a cluster, not instances that each think they are alone.
+        while instances_seen(*admin).await != instances {
+            assert!(Instant::now() < deadline, "every instance sees {instances}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         while backends_seen(*admin)
             .await
             .iter()
