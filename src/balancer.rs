@@ -610,8 +610,8 @@ impl Backend {
             let theirs = theirs.load(Ordering::Relaxed);
             if recent > 0 && theirs != u64::MAX && until >= oldest + BURST_LEAD_MS {
                 // Of this instance's picks since then, the share by which it has
-                // gone beyond that instance: picks from [`BURST_LEAD_MS`] before
-                // it spoke, its then and this one's now.
+                // gone beyond that instance, counting picks from BURST_LEAD_MS
+                // before it spoke: its up to then, this one's up to now.
                 let mine = peers.picks.since(until - BURST_LEAD_MS);
                 let after = peers.picks.since(since).max(1);
                 let owed = mine.saturating_sub(theirs).min(after);
@@ -1113,7 +1113,7 @@ mod tests {
         backend.note_pick_at(t);
         assert_eq!(backend.pick_load_at(t + 1), 0);
         // The peer spoke at t + 10 having made 30 picks in the 20 ms before; this
-        // instance then made 10 (5 ms apart from it, in buckets of their own).
+        // instance then made 10, at t + 15 (a bucket after the one it spoke in).
         peers.heard("b", t + 10, Some(30));
         for _ in 0..10 {
             backend.note_pick_at(t + 15);

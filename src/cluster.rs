@@ -105,8 +105,9 @@ pub struct Announce {
     pub v: u64,
     /// `POOL/BACKEND` → its connections now.
     pub c: Vec<(String, u64)>,
-    /// Its picks in the burst memory before `t` (absent from a version that did
-    /// not send it: then it is assumed to mirror every pick).
+    /// Its picks in the `balancer::BURST_LEAD_MS` before `t`: how far into a
+    /// burst it was (absent from a version that did not send it: then it is
+    /// assumed to mirror every pick, as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub r: Option<u64>,
 }
