@@ -680,9 +680,12 @@ impl Cluster {
                     .map(|(k, v)| (k.clone(), *v))
                     .collect();
                 let ack = self.ack_due.load(Ordering::Relaxed) && acked.elapsed() >= ACK_EVERY;
-                let recent = state.peers().recent_picks();
                 if (!moved.is_empty() || ack)
-                    && self.store.announce(&moved, version, recent).await.is_ok()
+                    && self
+                        .store
+                        .announce(&moved, version, state.peers().recent_picks())
+                        .await
+                        .is_ok()
                 {
                     announced = counts;
                     self.ack_due.store(false, Ordering::Relaxed);

@@ -144,7 +144,8 @@ fn main() -> ExitCode {
                 tls_port: tls.then_some(8443),
             };
             // The demo's proxy runs as `wsgate run` does by default.
-            wsgate::workers::runtime(false, true)
+            use wsgate::config::defaults::{PIN_WORKERS, YIELD_WHEN_BUSY};
+            wsgate::workers::runtime(PIN_WORKERS, YIELD_WHEN_BUSY)
                 .context("starting the runtime")
                 .and_then(|rt| rt.block_on(demo(options)))
         }
